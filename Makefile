@@ -1,0 +1,30 @@
+# exprune-fx: `make demo` runs the main job, `make test` runs the tests.
+# Both create the virtual environment on first use. Installs go through constraints.txt,
+# which pins the CPU build of torch so that no resolve ever pulls CUDA wheels.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/exprune-fx demo --out demo-out
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out bench-out
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache .hypothesis
