@@ -1,0 +1,149 @@
+"""Small models shipped with exprune-fx, for the demo, the tests and the command line.
+
+Each factory returns ``(model, example_inputs)`` with a seeded initialisation, in eval mode,
+so that ``exprune-fx dump exprune_fx.zoo:residual_cnn`` works without any other file.
+
+Example:
+    >>> from exprune_fx import analyze
+    >>> from exprune_fx.zoo import residual_cnn
+    >>> model, x = residual_cnn()
+    >>> analyze(model, x).summary()["eligible_sites"] > 0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+class ResidualBlock(nn.Module):
+    """conv-bn-relu-conv-bn, plus the input, then relu (a ResNet basic block)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + x)
+
+
+class ResidualCNN(nn.Module):
+    """A small ResNet-style CNN for 1x28x28 (Fashion-MNIST sized) images.
+
+    Stem conv, two residual stages separated by a strided transition conv, global average
+    pooling and a linear classifier.
+    """
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, int] = (32, 64), classes: int = 10):
+        super().__init__()
+        c1, c2 = widths
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c1, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(c1), nn.ReLU())
+        self.stage1 = nn.Sequential(ResidualBlock(c1), ResidualBlock(c1))
+        self.transition = nn.Sequential(nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=False),
+                                        nn.BatchNorm2d(c2), nn.ReLU())
+        self.stage2 = nn.Sequential(ResidualBlock(c2), ResidualBlock(c2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage2(self.transition(self.stage1(self.stem(x)))))
+
+
+def residual_cnn(seed: int = 0, batch: int = 2):
+    """The demo model: :class:`ResidualCNN` with randomised batch-norm statistics."""
+    _seeded(seed)
+    model = ResidualCNN()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics, as after training
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return model.eval(), torch.randn(batch, 1, 28, 28)
+
+
+def mlp(seed: int = 0, widths: tuple[int, ...] = (784, 256, 256, 10), batch: int = 2):
+    """A ReLU MLP: Linear-ReLU blocks and a linear head."""
+    _seeded(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval(), torch.randn(batch, widths[0])
+
+
+class GCN(nn.Module):
+    """A graph convolutional network written with plain torch ops.
+
+    ``adjacency`` is the normalised adjacency (dense or sparse COO) given as an input.
+    Each hidden layer computes ``relu((A @ X) @ W^T + b)``: aggregating before the linear
+    layer keeps the linear layer's result directly in front of its ReLU.
+    """
+
+    def __init__(self, features: int = 16, hidden: int = 32, classes: int = 4, layers: int = 3):
+        super().__init__()
+        widths = [features] + [hidden] * (layers - 1) + [classes]
+        self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+
+    def forward(self, x: torch.Tensor, adjacency: torch.Tensor) -> torch.Tensor:
+        for i, lin in enumerate(self.lins):
+            x = lin(adjacency @ x)
+            if i < len(self.lins) - 1:
+                x = torch.relu(x)
+        return x
+
+
+def normalized_adjacency(edges: torch.Tensor, nodes: int, sparse: bool = False) -> torch.Tensor:
+    """``D^-1/2 (A + I) D^-1/2`` for an undirected edge list of shape [2, E]."""
+    a = torch.zeros(nodes, nodes)
+    a[edges[0], edges[1]] = 1.0
+    a[edges[1], edges[0]] = 1.0
+    a += torch.eye(nodes)
+    d = a.sum(1).rsqrt()
+    a = d[:, None] * a * d[None, :]
+    return a.to_sparse() if sparse else a
+
+
+def gcn(seed: int = 0, nodes: int = 12, sparse: bool = False):
+    """:class:`GCN` on a random graph with ``nodes`` nodes."""
+    _seeded(seed)
+    model = GCN().eval()
+    edges = torch.randint(0, nodes, (2, 3 * nodes))
+    return model, (torch.randn(nodes, 16), normalized_adjacency(edges, nodes, sparse))
+
+
+class SinusoidalEncoder(nn.Module):
+    """A tiny transformer encoder layer whose input is added to a fixed sinusoidal encoding.
+
+    The encoding is a buffer that is not uniform along the model width, so the width cannot
+    be permuted: the analysis must pin it.
+    """
+
+    def __init__(self, width: int = 16, heads: int = 2, ffn: int = 32, tokens: int = 8):
+        super().__init__()
+        pos = torch.arange(tokens)[:, None]
+        freq = torch.exp(torch.arange(0, width, 2) * (-math.log(10000.0) / width))
+        pe = torch.zeros(tokens, width)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+        self.register_buffer("pe", pe)
+        self.layer = nn.TransformerEncoderLayer(width, heads, ffn, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x + self.pe)
+
+
+def sinusoidal_encoder(seed: int = 0, batch: int = 2):
+    _seeded(seed)
+    return SinusoidalEncoder().eval(), torch.randn(batch, 8, 16)
