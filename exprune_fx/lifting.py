@@ -114,7 +114,7 @@ def _module_tracker(model: torch.nn.Module) -> Iterator[list[str]]:
             stack.pop()
 
     handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
-               torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
+               torch.nn.modules.module.register_module_forward_hook(post)]  # not on errors: the stack then ends at the failing module
     try:
         yield stack
     finally:

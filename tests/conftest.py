@@ -1,0 +1,16 @@
+import os
+import warnings
+
+from hypothesis import HealthCheck, settings
+
+# CI runs a fixed, reproducible set of examples; local runs explore new ones each time.
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev", deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+warnings.filterwarnings("ignore", message=".*torch.export.*")
