@@ -147,3 +147,68 @@ class SinusoidalEncoder(nn.Module):
 def sinusoidal_encoder(seed: int = 0, batch: int = 2):
     _seeded(seed)
     return SinusoidalEncoder().eval(), torch.randn(batch, 8, 16)
+
+
+# -- Hugging Face architectures from small configs (random weights, no download) ---------
+HF_VOCAB, HF_TOKENS = 96, 8
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # transformers is in the dev extra, not a core dependency
+        raise ImportError("the Hugging Face models need transformers: pip install 'exprune-fx[dev]'") from exc
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _token_inputs(batch: int, mask: bool) -> dict:
+    ids = torch.randint(0, HF_VOCAB, (batch, HF_TOKENS), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if mask else {"input_ids": ids}
+
+
+def hf_opt(seed: int = 0, batch: int = 2):
+    """OPTForCausalLM (ReLU FFN, learned positions), keyword inputs, use_cache=False."""
+    t = _transformers()
+    _seeded(seed)
+    cfg = t.OPTConfig(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+    return t.OPTForCausalLM(cfg).eval(), {**_token_inputs(batch, False), "use_cache": False}
+
+
+def hf_bert(seed: int = 0, batch: int = 2):
+    """BertModel (GELU FFN) with input_ids and attention_mask."""
+    t = _transformers()
+    _seeded(seed)
+    cfg = t.BertConfig(vocab_size=HF_VOCAB, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                       num_attention_heads=4, max_position_embeddings=64)
+    return t.BertModel(cfg).eval(), _token_inputs(batch, True)
+
+
+def hf_gpt2(seed: int = 0, batch: int = 2):
+    """GPT2LMHeadModel (tanh-approximated GELU, fused qkv projection), use_cache=False."""
+    t = _transformers()
+    _seeded(seed)
+    cfg = t.GPT2Config(vocab_size=HF_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                       bos_token_id=0, eos_token_id=0)
+    return t.GPT2LMHeadModel(cfg).eval(), {**_token_inputs(batch, False), "use_cache": False}
+
+
+def hf_resnet(seed: int = 0, batch: int = 1):
+    """ResNetForImageClassification (bottleneck blocks, batch norm) on 3x32x32 images."""
+    t = _transformers()
+    _seeded(seed)
+    cfg = t.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5)
+    return t.ResNetForImageClassification(cfg).eval(), torch.randn(batch, 3, 32, 32)
+
+
+def hf_vit(seed: int = 0, batch: int = 1):
+    """ViTForImageClassification (GELU FFN, class token, learned positions) on 3x32x32 images."""
+    t = _transformers()
+    _seeded(seed)
+    cfg = t.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      image_size=32, patch_size=8, num_labels=5)
+    return t.ViTForImageClassification(cfg).eval(), torch.randn(batch, 3, 32, 32)
+
+
+HF_MODELS = {"opt": hf_opt, "bert": hf_bert, "gpt2": hf_gpt2, "resnet": hf_resnet, "vit": hf_vit}

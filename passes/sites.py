@@ -146,7 +146,8 @@ def find_decision(site: Node, dynamic: set[Node], output_modes: Mapping[int, str
             return None, tuple(chain), None, f"'{cur.name}' is unused"
         else:
             names = ", ".join(f"'{u.name}' ({_op(u)})" for u in users)
-            return None, tuple(chain), None, f"'{cur.name}' feeds {names}, not a decision"
+            return None, tuple(chain), None, (f"'{cur.name}' feeds {names}: neither an affine "
+                                              f"epilogue step nor a ReLU/argmax decision")
         if blocker is None and len(users) > 1:
             other = next(u for u in users if u is not nxt)
             blocker = f"'{cur.name}' inside the epilogue chain is also used by '{other.name}' ({_op(other)})"

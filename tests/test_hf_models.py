@@ -1,0 +1,63 @@
+"""The analysis on real Hugging Face architectures (small configs, random weights)."""
+
+import pytest
+
+import hf_models
+from exprune_fx import analyze, check_symmetry
+
+
+def classes_of(analysis, param):
+    for node in analysis.graph_module.graph.nodes:
+        if node.meta.get("exprune.target") == param:
+            return node.meta["exprune.axes"]
+    raise KeyError(param)
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.ALL))
+def test_free_classes_are_symmetries(name):
+    model, inputs = hf_models.ALL[name]()
+    analysis = analyze(model, inputs, strict=True)
+    assert analysis.free_classes, "the analysis found nothing to permute"
+    assert check_symmetry(model, inputs, analysis) == []
+
+
+def test_opt_ffn_width_and_heads_are_free():
+    model, inputs = hf_models.opt()
+    a = analyze(model, inputs, strict=True)
+    cls = {c.id: c for c in a.classes}
+    layer = "model.decoder.layers.0"
+    (ffn,) = classes_of(a, f"{layer}.fc1.weight")[0]
+    assert cls[ffn].free and cls[ffn].size == 64
+    (width,) = classes_of(a, f"{layer}.fc1.weight")[1]
+    assert cls[width].free and cls[width].size == 32  # learned positions keep the width free
+    heads, head_dim = classes_of(a, f"{layer}.self_attn.q_proj.weight")[0]
+    assert (cls[heads].size, cls[head_dim].size) == (4, 8)
+    assert cls[heads].free and cls[head_dim].free
+    assert heads == classes_of(a, f"{layer}.self_attn.out_proj.weight")[1][0]  # heads travel to out_proj
+    fc1 = [s for s in a.sites if s.eligible]
+    assert len(fc1) == 2 and all(s.decision == "relu" and s.n == 32 for s in fc1)
+
+
+def test_opt_lm_head_as_declared_argmax():
+    model, inputs = hf_models.opt()
+    a = analyze(model, inputs, outputs={"logits": "argmax"})
+    head = a.sites[-1]
+    assert head.decision == "argmax" and head.eligible and head.n == 32
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "vit"])
+def test_gelu_models_have_no_relu_sites(name):
+    model, inputs = hf_models.ALL[name]()
+    outputs = ["pooler_output"] if name == "bert" else None  # else the hidden states pin the width
+    a = analyze(model, inputs, outputs=outputs)
+    assert a.eligible_sites == []
+    ffn_up = [s for s in a.sites if s.n == 32 and ("gelu" in s.reason or "mul" in s.reason)]
+    assert len(ffn_up) == 2  # one per layer: GELU (GPT-2's is spelled out with mul/tanh) is no decision
+    assert check_symmetry(model, inputs, a) == []
+
+
+def test_hf_resnet_convs_are_eligible():
+    model, inputs = hf_models.resnet()
+    a = analyze(model, inputs)
+    assert len(a.eligible_sites) >= 5
+    assert all(s.decision == "relu" for s in a.eligible_sites)
