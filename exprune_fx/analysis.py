@@ -81,7 +81,7 @@ class Analysis:
         for site in self.sites:
             lines.append(
                 f"{site.name:<28} {site.kind:<10} {site.n if site.n is not None else '-':>6} "
-                f"{site.decision or '-':<9} {'yes' if site.eligible else 'no':<8} {site.reason or ''}"
+                f"{site.decision or '-':<9} {'yes' if site.eligible else 'no':<8} {site.reason or ''}".rstrip()
             )
         lines += ["", "free classes:"]
         for c in self.free_classes:
