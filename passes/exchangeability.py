@@ -32,7 +32,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .factors import FactorStore
-from .rules import RuleContext, batch_norm, find_rule
+from .rules import RuleContext, find_rule
+from .rules_nn import batch_norm
 
 META_AXES = "exprune.axes"
 META_ROLE = "exprune.role"
