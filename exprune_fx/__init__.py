@@ -9,6 +9,8 @@
 """
 
 from .analysis import Analysis, analyze
+from .compiler import CompiledModel, ExPruneWarning, compile
+from .config import Config, SiteConfig
 from .errors import ExportError, ExPruneError, InputError, TrainingModeError
 from .lifting import Lifted, lift
 from .passes.exchangeability import Member, Pin, SymmetryClass
@@ -16,7 +18,7 @@ from .passes.sites import Site
 from .symmetry import SymmetryFailure, check_symmetry
 
 __all__ = [
-    "Analysis", "ExPruneError", "ExportError", "InputError", "Lifted", "Member", "Pin", "Site",
+    "Analysis", "CompiledModel", "Config", "ExPruneWarning", "SiteConfig", "compile", "ExPruneError", "ExportError", "InputError", "Lifted", "Member", "Pin", "Site",
     "SymmetryClass", "SymmetryFailure", "TrainingModeError", "analyze", "check_symmetry", "lift",
 ]
 __version__ = "0.1.0"

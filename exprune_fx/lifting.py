@@ -127,8 +127,31 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def lift(model: torch.nn.Module, example_inputs: Any) -> Lifted:
-    """Export ``model`` on ``example_inputs`` to an ATen graph. See the module docstring."""
+def _batch_dynamic(args: tuple, kwargs: dict) -> tuple[tuple, dict, Any]:
+    """Example inputs and ``dynamic_shapes`` with a dynamic leading (batch) axis.
+
+    torch.export specialises an axis whose example size is 1, so such inputs are repeated to
+    size 2 for the export only; the graph then accepts any batch size.
+    """
+
+    def widen(x):
+        return torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1 else x
+
+    def spec(x):
+        return {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+
+    args = tuple(widen(a) for a in args)
+    kwargs = {k: widen(v) for k, v in kwargs.items()}
+    shapes = (tuple(spec(a) for a in args), {k: spec(v) for k, v in kwargs.items()})
+    return args, kwargs, shapes
+
+
+def lift(model: torch.nn.Module, example_inputs: Any, dynamic_batch: bool = False) -> Lifted:
+    """Export ``model`` on ``example_inputs`` to an ATen graph. See the module docstring.
+
+    With ``dynamic_batch``, the leading axis of every tensor input is exported as dynamic
+    (where the model allows it), so the graph runs on other batch sizes.
+    """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     training = [name or "<root>" for name, m in model.named_modules() if m.training]
@@ -149,9 +172,13 @@ def lift(model: torch.nn.Module, example_inputs: Any) -> Lifted:
                 f"the example inputs have the shapes, dtypes and argument names the model's "
                 f"forward expects (inputs given: {_describe(args, kwargs)})."
             ) from exc
+    export_args, export_kwargs, shapes = _batch_dynamic(args, kwargs) if dynamic_batch else (args, kwargs, None)
+    if shapes is not None:
+        shapes = _shapes_by_name(model, shapes)
     with _module_tracker(model) as stack:
         try:
-            exported = torch.export.export(model, args, kwargs, strict=False)
+            exported = torch.export.export(model, export_args, export_kwargs, dynamic_shapes=shapes,
+                                           strict=False)
         except Exception as exc:
             where = f" in module {stack[-1]}" if stack else ""
             raise ExportError(
@@ -163,6 +190,19 @@ def lift(model: torch.nn.Module, example_inputs: Any) -> Lifted:
     _label_placeholders(exported)
     flat_ref = tuple(leaf for _, leaf in tree_flatten_with_path(reference)[0])
     return Lifted(exported, args, kwargs, output_names(reference), flat_ref)
+
+
+def _shapes_by_name(model: torch.nn.Module, shapes: tuple) -> Any:
+    """torch.export wants dynamic_shapes keyed like forward's parameters when kwargs are used."""
+    positional, named = shapes
+    if not named:
+        return positional
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters)
+    out = {params[i]: spec for i, spec in enumerate(positional)}
+    out.update(named)
+    return out
 
 
 def _describe(args: tuple, kwargs: dict) -> str:

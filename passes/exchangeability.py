@@ -32,7 +32,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .factors import FactorStore
-from .rules import RuleContext, find_rule
+from .rules import RuleContext, concrete_size, find_rule
 from .rules_nn import batch_norm
 
 META_AXES = "exprune.axes"
@@ -87,7 +87,13 @@ class AnalysisError(RuntimeError):
 
 def _fresh_axes(store: FactorStore, val: Any) -> Any:
     if isinstance(val, torch.Tensor):
-        return [[store.new(int(s))] if int(s) > 1 else [] for s in val.shape]
+        axes = []
+        for s in val.shape:
+            size = concrete_size(s)
+            axes.append([store.new(size)] if size > 1 or isinstance(s, torch.SymInt) and size > 0 else [])
+            if isinstance(s, torch.SymInt) and axes[-1]:
+                store.pin(axes[-1][0], ("", "dynamic dimension"))
+        return axes
     if isinstance(val, (tuple, list)):
         return tuple(_fresh_axes(store, v) for v in val)
     return None

@@ -46,6 +46,14 @@ def rule(*ops: Any) -> Callable[[Rule], Rule]:
     return register
 
 
+def concrete_size(size: Any) -> int:
+    """An axis size as an int; a symbolic (dynamic) size gives its example value."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else 2
+    return int(size)
+
+
 def find_rule(target: Any) -> Rule | None:
     if target in RULES:
         return RULES[target]
@@ -80,7 +88,7 @@ class RuleContext:
     @staticmethod
     def shape(value: Any) -> tuple[int, ...]:
         val = value.meta.get("val") if isinstance(value, Node) else None
-        return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else ()
+        return tuple(concrete_size(s) for s in val.shape) if isinstance(val, torch.Tensor) else ()
 
     @staticmethod
     def arg(node: Node, name: str, default: Any = None) -> Any:

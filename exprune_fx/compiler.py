@@ -1,0 +1,161 @@
+"""``exprune_fx.compile``: lift, analyse, rewrite, and wrap the result for the caller.
+
+The returned :class:`CompiledModel` is called like the original model (same positional and
+keyword inputs, same output structure: tensors, tuples, dicts, Hugging Face ``ModelOutput``)
+and accepts other batch sizes than the example's. The original model is never modified; the
+compiled one shares its (read-only) weights.
+
+Example:
+    >>> import torch, exprune_fx
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 128), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(128, 128), torch.nn.ReLU()).eval()
+    >>> fast = exprune_fx.compile(mlp, torch.randn(4, 8), exprune_fx.Config(alpha=0.0))
+    >>> x = torch.randn(16, 8)
+    >>> torch.allclose(fast(x), mlp(x), atol=1e-5)
+    True
+    >>> fast.exprune_stats()["sites"]["linear_1"]["prune_rate"]
+    0.0
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from .analysis import Analysis, OutputSpec, analyze
+from .config import Config
+from .errors import InputError
+from .lifting import lift, normalize_inputs
+from .passes.rewrite import SiteReport, rewrite_sites
+from .runtime.counters import read
+
+FLOPS_NOTE = "FLOPs are 2 x multiply-accumulates (MACs) of the reductions, as torch.utils.flop_counter counts them"
+
+
+class ExPruneWarning(UserWarning):
+    """The compiled model runs (partly) dense, and why."""
+
+
+def _rows(args: tuple, kwargs: dict) -> int:
+    for leaf in tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return 1
+
+
+class CompiledModel(torch.nn.Module):
+    """A model whose eligible reductions exit early. Call it like the original.
+
+    ``exprune_stats()`` reports per-site prune rates and work, and whole-model FLOPs;
+    ``reset_stats()`` clears the counters; ``sites`` lists what the rewrite did per site;
+    ``analysis`` is the exchangeability analysis it was built from.
+    """
+
+    def __init__(self, graph_module: torch.nn.Module, sites: list[SiteReport], analysis: Analysis,
+                 config: Config, other_flops_per_row: float):
+        super().__init__()
+        self.graph_module = graph_module
+        self.sites = sites
+        self.analysis = analysis
+        self.config = config
+        self._other_flops_per_row = other_flops_per_row
+        self._calls = 0
+        self._rows = 0
+
+    def forward(self, *args, **kwargs):
+        self._calls += 1
+        self._rows += _rows(args, kwargs)
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def rewritten_sites(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.rewritten]
+
+    def _counters(self, report: SiteReport) -> torch.Tensor:
+        return getattr(self.graph_module, report.counters)
+
+    def reset_stats(self) -> None:
+        """Zero every site's counters and the call count."""
+        for report in self.rewritten_sites:
+            self._counters(report).zero_()
+        self._calls = self._rows = 0
+
+    def exprune_stats(self) -> dict[str, Any]:
+        """Counters since the last reset. Reading them synchronises with the device once."""
+        sites, site_dense, site_executed = {}, 0.0, 0.0
+        for report in self.rewritten_sites:
+            c = read(self._counters(report))
+            executed = c["partial"] + c["test"] + c["remainder"]
+            sites[report.name] = {
+                "kind": report.kind, "decision": report.decision, "n": report.n, "k": report.k,
+                "test": report.test, "calls": int(c["calls"]), "outputs": int(c["outputs"]),
+                "pruned": int(c["pruned"]),
+                "prune_rate": c["pruned"] / c["outputs"] if c["outputs"] else 0.0,
+                "dense_macs": c["dense"], "executed_macs": executed, "partial_macs": c["partial"],
+                "test_macs": c["test"], "remainder_macs": c["remainder"], "computed_macs": c["computed"],
+            }
+            site_dense += c["dense"]
+            site_executed += executed
+        other = self._other_flops_per_row * self._rows
+        dense_flops = 2 * site_dense + other
+        executed_flops = 2 * site_executed + other
+        return {
+            "sites": sites, "calls": self._calls, "rows": self._rows,
+            "dense_flops": dense_flops, "executed_flops": executed_flops,
+            "reduction": 1.0 - executed_flops / dense_flops if dense_flops else 0.0,
+            "note": FLOPS_NOTE,
+        }
+
+    def report(self) -> str:
+        """A table of every site: rewritten or why not, and its prune rate so far."""
+        stats = self.exprune_stats()
+        lines = [f"{'site':<24} {'kind':<8} {'decision':<8} {'n':>5} {'k':>4} {'prune rate':>10}  status"]
+        for s in self.sites:
+            rate = stats["sites"].get(s.name, {}).get("prune_rate")
+            lines.append(f"{s.name:<24} {s.kind:<8} {s.decision or '-':<8} {s.n or '-':>5} "
+                         f"{s.k if s.rewritten else '-':>4} {'-' if rate is None else f'{rate:.1%}':>10}  "
+                         f"{'rewritten' if s.rewritten else 'dense: ' + str(s.reason)}")
+        lines.append(f"whole model: {stats['dense_flops']:.4g} dense FLOPs, {stats['executed_flops']:.4g} "
+                     f"executed, reduction {stats['reduction']:.2%} ({FLOPS_NOTE})")
+        return "\n".join(lines)
+
+
+def dense_flops(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
+    """FLOPs of one eager call, counted by torch.utils.flop_counter."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,
+            outputs: OutputSpec = None) -> CompiledModel:
+    """Compile ``model`` with ExPrune. See the module docstring and docs/usage.md."""
+    config = Config() if config is None else config
+    if not isinstance(config, Config):
+        raise InputError(f"config must be an exprune_fx.Config, got {type(config).__name__}")
+    lifted = lift(model, example_inputs, dynamic_batch=True)
+    analysis = analyze(lifted, outputs=outputs)
+    unknown = config.unknown_sites(s.name for s in analysis.sites)
+    if unknown:
+        raise InputError(f"Config.sites names unknown sites {unknown}; the sites are "
+                         f"{[s.name for s in analysis.sites]}")
+    graph_module = lifted.exported.module()
+    reports = rewrite_sites(graph_module, analysis, config)
+    args, kwargs = normalize_inputs(example_inputs)
+    compiled = CompiledModel(graph_module, reports, analysis, config, 0.0)
+    total = dense_flops(model, args, kwargs)
+    with torch.no_grad():
+        compiled(*args, **kwargs)  # runs the rewritten graph once, and measures its sites' work
+    site_dense = sum(2 * read(compiled._counters(r))["dense"] for r in compiled.rewritten_sites)
+    compiled._other_flops_per_row = max(total - site_dense, 0.0) / _rows(args, kwargs)
+    compiled.reset_stats()
+    if not compiled.rewritten_sites:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in reports) or "the model has no reduction"
+        warnings.warn(f"exprune: no site was rewritten, the compiled model runs dense ({reasons})",
+                      ExPruneWarning, stacklevel=2)
+    return compiled

@@ -1,0 +1,149 @@
+"""``Config``: how each site tests its partial reduction.
+
+* ``k`` (default 32): terms computed before the test; a site with ``n <= k`` stays dense.
+* ``test``: ``"stats"`` (one-sided z-test with the finite-population correction, pruning an
+  output when ``mean < Phi^-1(alpha) * SE``) or ``"threshold"`` (pruning when
+  ``mean < threshold``).
+* ``alpha`` in [0, 0.5] for the stats test (0 prunes nothing); ``threshold`` any float,
+  plus or minus infinity allowed (+inf prunes every decided output, -inf nothing).
+* ``sites``: per-site overrides keyed by site name, each a :class:`SiteConfig` or a dict
+  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``.
+
+For an argmax (dominance) site, ``alpha`` is the family-wise error of the row's decision,
+split over the other classes by Bonferroni; ``threshold`` is a margin on the mean per-term
+difference between the leader and each other class.
+
+Example:
+    >>> from exprune_fx import Config
+    >>> cfg = Config(k=16, alpha=0.01, sites={"linear_2": {"enabled": False}})
+    >>> cfg.for_site("linear_2").enabled, cfg.for_site("linear_1").k
+    (False, 16)
+    >>> Config(k=1)
+    Traceback (most recent call last):
+    ...
+    exprune_fx.errors.InputError: Config.k must be an integer >= 2 (got 1)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from statistics import NormalDist
+from typing import Any, Mapping
+
+from .errors import InputError
+
+TESTS = ("stats", "threshold")
+
+
+def _check_k(k: Any, where: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise InputError(f"{where}.k must be an integer >= 2 (got {k!r})")
+
+
+def _check_alpha(alpha: Any, where: str) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 0.5:
+        raise InputError(f"{where}.alpha must be a float in [0, 0.5] (got {alpha!r})")
+
+
+def _check_threshold(threshold: Any, where: str) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise InputError(f"{where}.threshold must be a float, +/-inf allowed (got {threshold!r})")
+
+
+def _check_test(test: Any, where: str) -> None:
+    if test not in TESTS:
+        raise InputError(f"{where}.test must be one of {TESTS} (got {test!r})")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """The settings of one site; None means "as in the Config"."""
+
+    enabled: bool | None = None
+    k: int | None = None
+    test: str | None = None
+    alpha: float | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        where = "SiteConfig"
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise InputError(f"{where}.enabled must be True or False (got {self.enabled!r})")
+        if self.k is not None:
+            _check_k(self.k, where)
+        if self.test is not None:
+            _check_test(self.test, where)
+        if self.alpha is not None:
+            _check_alpha(self.alpha, where)
+        if self.threshold is not None:
+            _check_threshold(self.threshold, where)
+
+
+@dataclass(frozen=True)
+class ResolvedSiteConfig:
+    enabled: bool
+    k: int
+    test: str
+    alpha: float
+    threshold: float
+
+    @property
+    def critical(self) -> float:
+        """The value the op compares against: Phi^-1(alpha) (stats) or the threshold."""
+        if self.test == "threshold":
+            return float(self.threshold)
+        return -math.inf if self.alpha <= 0 else NormalDist().inv_cdf(self.alpha)
+
+    def dominance_critical(self, classes: int) -> float:
+        """z such that leader-minus-other means above z * SE are significant (Bonferroni)."""
+        if self.test == "threshold":
+            return float(self.threshold)
+        if self.alpha <= 0:
+            return math.inf
+        return NormalDist().inv_cdf(1.0 - self.alpha / max(classes - 1, 1))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Global settings plus per-site overrides. See the module docstring."""
+
+    k: int = 32
+    test: str = "stats"
+    alpha: float = 0.05
+    threshold: float = 0.0
+    sites: Mapping[str, SiteConfig] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_k(self.k, "Config")
+        _check_test(self.test, "Config")
+        _check_alpha(self.alpha, "Config")
+        _check_threshold(self.threshold, "Config")
+        if not isinstance(self.sites, Mapping):
+            raise InputError("Config.sites must map site names to SiteConfig or dicts")
+        sites = {}
+        for name, sc in self.sites.items():
+            if isinstance(sc, Mapping):
+                unknown = set(sc) - {f.name for f in fields(SiteConfig)}
+                if unknown:
+                    raise InputError(f"Config.sites[{name!r}] has unknown settings {sorted(unknown)}")
+                sc = SiteConfig(**sc)
+            if not isinstance(sc, SiteConfig):
+                raise InputError(f"Config.sites[{name!r}] must be a SiteConfig or a dict")
+            sites[name] = sc
+        object.__setattr__(self, "sites", sites)
+
+    def for_site(self, name: str) -> ResolvedSiteConfig:
+        sc = self.sites.get(name, SiteConfig())
+        pick = lambda v, d: d if v is None else v  # noqa: E731
+        return ResolvedSiteConfig(pick(sc.enabled, True), pick(sc.k, self.k), pick(sc.test, self.test),
+                                  pick(sc.alpha, self.alpha), pick(sc.threshold, self.threshold))
+
+    def with_site(self, name: str, **settings: Any) -> "Config":
+        """A copy with ``settings`` overriding site ``name``."""
+        sites = dict(self.sites)
+        sites[name] = replace(sites.get(name, SiteConfig()), **settings)
+        return replace(self, sites=sites)
+
+    def unknown_sites(self, names) -> list[str]:
+        return sorted(set(self.sites) - set(names))

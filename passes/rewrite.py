@@ -1,0 +1,382 @@
+"""The rewrite pass: replace each eligible reduction + affine epilogue with an early-exit op.
+
+Runs on the *unlifted* graph module of the export (``ExportedProgram.module()``: parameters
+are ``get_attr`` nodes) after :mod:`.sites` marked the eligible sites. For each site the
+config enables, it
+
+1. folds the epilogue between the reduction and its decision into ``z = a * y + c``: ``a`` a
+   compile-time vector over output features (bias, batch-norm scale, constant scales), ``c``
+   the rest (bias, batch-norm shift, a residual), emitted as graph nodes when it depends on
+   the input;
+2. reorders the weight at compile time so that each term's elements are contiguous (and the
+   input at run time, when the free factor is not the outermost contraction factor);
+3. inserts one ``torch.ops.exprune.*`` call and points the decision (the ReLU, the argmax, or
+   the declared-argmax output) at it; the old reduction and epilogue become dead and go.
+
+Sites that cannot be rewritten stay dense, with the reason in their :class:`SiteReport`.
+
+Example:
+    >>> import torch
+    >>> from exprune_fx import Config, analyze, lift
+    >>> from exprune_fx.passes.rewrite import rewrite_sites
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.ReLU(),
+    ...                           torch.nn.Linear(64, 64), torch.nn.ReLU()).eval()
+    >>> analysis = analyze(lift(mlp, torch.randn(2, 4), dynamic_batch=True))
+    >>> gm = analysis.lifted.exported.module()
+    >>> [(r.name, r.rewritten) for r in rewrite_sites(gm, analysis, Config(k=16))]
+    [('linear', False), ('linear_1', True)]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from exprune_fx.config import Config, ResolvedSiteConfig
+from exprune_fx.runtime import ops  # noqa: F401  (registers torch.ops.exprune)
+from exprune_fx.runtime.counters import new_counters
+from exprune_fx.runtime.kernels import STATS, THRESHOLD, valid_k
+from .exchangeability import META_AXES
+from .rules import RuleContext
+from .sites import Site
+
+aten = torch.ops.aten
+_LINEAR_KINDS = ("linear", "addmm", "mm", "matmul")
+_CONV_KINDS = ("conv2d", "conv")
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """What the rewrite did with one site."""
+
+    name: str
+    kind: str
+    decision: str | None
+    n: int | None
+    k: int | None
+    test: str | None
+    rewritten: bool
+    reason: str | None = None
+    counters: str | None = None  # buffer name of the site's counters on the graph module
+
+
+class NotRewritable(Exception):
+    """Raised inside the pass: the site stays dense for the given reason."""
+
+
+def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]:
+    """Rewrite every eligible, enabled site of ``gm`` in place; report on every site."""
+    reports = []
+    lifted_nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
+    for index, site in enumerate(analysis.sites):
+        cfg = config.for_site(site.name)
+        base = dict(name=site.name, kind=site.kind, decision=site.decision, n=site.n, k=cfg.k, test=cfg.test)
+        reason = _precheck(site, cfg)
+        if reason is None:
+            try:
+                counters = _rewrite_one(gm, site, lifted_nodes, cfg, index)
+                reports.append(SiteReport(**base, rewritten=True, counters=counters))
+                continue
+            except NotRewritable as exc:
+                reason = str(exc)
+        reports.append(SiteReport(**base, rewritten=False, reason=reason))
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return reports
+
+
+def _precheck(site: Site, cfg: ResolvedSiteConfig) -> str | None:
+    if not site.eligible:
+        return site.reason
+    if not cfg.enabled:
+        return "disabled in the config"
+    if not valid_k(site.n, cfg.k):
+        return f"n={site.n} <= k={cfg.k}: no terms left to skip"
+    if site.kind not in _LINEAR_KINDS + _CONV_KINDS:
+        return f"no early-exit kernel for {site.kind} sites yet"
+    return None
+
+
+class _Builder:
+    """Adds buffers and nodes to ``gm`` for one site; ``rollback`` removes them again."""
+
+    def __init__(self, gm: GraphModule, site: Site, index: int, before: Node):
+        self.gm, self.prefix, self.before = gm, f"exprune_{index}_{site.name}", before
+        self.nodes: list[Node] = []
+        self.buffers: list[str] = []
+
+    def buffer(self, suffix: str, value: torch.Tensor) -> Node:
+        name = f"{self.prefix}_{suffix}"
+        if hasattr(self.gm, name):
+            name = f"{name}_{len(self.buffers)}"
+        self.gm.register_buffer(name, value.detach().contiguous())
+        self.buffers.append(name)
+        with self.gm.graph.inserting_before(self.before):
+            node = self.gm.graph.get_attr(name)
+        self.nodes.append(node)
+        return node
+
+    def call(self, target, *args) -> Node:
+        with self.gm.graph.inserting_before(self.before):
+            node = self.gm.graph.call_function(target, args)
+        self.nodes.append(node)
+        return node
+
+    def rollback(self) -> None:
+        for node in reversed(self.nodes):
+            self.gm.graph.erase_node(node)
+        for name in self.buffers:
+            delattr(self.gm, name)
+
+
+def static_value(gm: GraphModule, value: Any) -> Any:
+    """Evaluate ``value`` at compile time (parameters, buffers and ops on them), or raise."""
+    if not isinstance(value, Node):
+        return value
+    if value.op == "get_attr":
+        obj = gm
+        for part in value.target.split("."):
+            obj = getattr(obj, part)
+        return obj.detach()
+    if value.op == "call_function" and value.target is not torch.ops.aten.sym_size.int:
+        args = torch.fx.node.map_arg(value.args, lambda n: static_value(gm, n))
+        kwargs = torch.fx.node.map_arg(value.kwargs, lambda n: static_value(gm, n))
+        with torch.no_grad():
+            return value.target(*args, **kwargs)
+    raise NotRewritable(f"'{value.name}' is not a compile-time value")
+
+
+def _is_static(gm: GraphModule, value: Any) -> bool:
+    try:
+        static_value(gm, value)
+        return True
+    except NotRewritable:
+        return False
+
+
+class _Affine:
+    """``z = a * y + c``, with ``c = c_static + c_dynamic``, built step by step."""
+
+    def __init__(self, builder: _Builder):
+        self.b = builder
+        self.a: torch.Tensor = torch.tensor(1.0)
+        self.c_static: torch.Tensor = torch.tensor(0.0)
+        self.c_dyn: Node | None = None
+
+    def add(self, other: Any, sign: float = 1.0) -> None:
+        gm = self.b.gm
+        if _is_static(gm, other):
+            self.c_static = self.c_static + sign * torch.as_tensor(static_value(gm, other), dtype=torch.float32)
+            return
+        term = other if sign > 0 else self.b.call(aten.neg.default, other)
+        self.c_dyn = term if self.c_dyn is None else self.b.call(aten.add.Tensor, self.c_dyn, term)
+
+    def scale(self, s: torch.Tensor) -> None:
+        s = torch.as_tensor(s, dtype=torch.float32)
+        self.a, self.c_static = self.a * s, self.c_static * s
+        if self.c_dyn is not None:
+            factor = self.b.buffer("epilogue_scale", s) if s.dim() else s.item()
+            self.c_dyn = self.b.call(aten.mul.Tensor, self.c_dyn, factor)
+
+    def negate(self) -> None:
+        self.scale(torch.tensor(-1.0))
+
+
+_IN_PLACE = (aten.add_, aten.sub_, aten.mul_, aten.div_)
+
+
+def _fold_step(aff: _Affine, step: Node, value: Node) -> None:
+    gm = aff.b.gm
+    p = step.target.overloadpacket
+    mutated = step.args[0]
+    if p in _IN_PLACE and mutated is not value and isinstance(mutated, Node) and len(mutated.users) > 1:
+        raise NotRewritable(f"in-place '{step.name}' mutates '{mutated.name}', which is read elsewhere")
+    other = [a for a in step.args[:2] if a is not value]
+    if p in (aten.add, aten.add_):
+        if RuleContext.arg(step, "alpha", 1) != 1:
+            raise NotRewritable("add with alpha != 1 in the epilogue")
+        aff.add(other[0] if other else value)
+    elif p in (aten.sub, aten.sub_):
+        if RuleContext.arg(step, "alpha", 1) != 1:
+            raise NotRewritable("sub with alpha != 1 in the epilogue")
+        if step.args[0] is value:
+            aff.add(step.args[1], sign=-1.0)
+        else:
+            aff.negate()
+            aff.add(step.args[0])
+    elif p in (aten.mul, aten.mul_):
+        aff.scale(static_value(gm, other[0] if other else value))
+    elif p in (aten.div, aten.div_):
+        aff.scale(1.0 / torch.as_tensor(static_value(gm, step.args[1]), dtype=torch.float32))
+    elif p is aten.batch_norm:
+        weight, bias, mean, var = (static_value(gm, RuleContext.arg(step, n)) for n in
+                                   ("weight", "bias", "running_mean", "running_var"))
+        eps = RuleContext.arg(step, "eps", 1e-5)
+        channels = mean.shape[0]
+        shape = (channels,) + (1,) * (len(RuleContext.shape(step)) - 2)
+        s = (torch.ones(channels) if weight is None else weight.float()) / torch.sqrt(var.float() + eps)
+        shift = (torch.zeros(channels) if bias is None else bias.float()) - mean.float() * s
+        aff.scale(s.reshape(shape))
+        aff.add(shift.reshape(shape))
+    else:
+        raise NotRewritable(f"'{step.name}' ({p.__name__}) in the epilogue is not supported by the rewrite")
+
+
+def _feature_vector(t: torch.Tensor, features: int, feature_dim_from_end: int, what: str) -> torch.Tensor:
+    """Reduce a broadcastable tensor to one value per output feature, or raise."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    if t.numel() == 1:
+        return t.reshape(1).expand(features).clone()
+    shape = list(t.shape)
+    d = len(shape) - feature_dim_from_end
+    if d < 0 or shape[d] != features or math.prod(shape) != features:
+        raise NotRewritable(f"the epilogue's {what} varies along axes other than the output features")
+    return t.reshape(features)
+
+
+def _largest_free(factors: list[tuple[int, int, bool]]) -> tuple[int, int, int]:
+    """(A, n, B): sizes before, of, and after the largest free factor."""
+    free = [i for i, (_, size, is_free) in enumerate(factors) if is_free]
+    if not free:
+        raise NotRewritable("no free factor in the contraction")
+    f = max(free, key=lambda i: (factors[i][1], -i))
+    sizes = [size for _, size, _ in factors]
+    return math.prod(sizes[:f]), sizes[f], math.prod(sizes[f + 1:])
+
+
+def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteConfig, index: int) -> str:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if any(c not in nodes for c in site.chain):
+        raise NotRewritable("the site is not in the runnable graph")
+    chain = [nodes[c] for c in site.chain]
+    consumer, value = _consumer(gm, site, chain)
+    builder = _Builder(gm, site, index, consumer)
+    try:
+        aff = _Affine(builder)
+        test = STATS if cfg.test == "stats" else THRESHOLD
+        if site.kind in _CONV_KINDS:
+            call = _conv_call(gm, builder, chain, value, lifted[site.name], aff, cfg, test)
+        else:
+            call = _matmul_call(gm, builder, chain, value, site, aff, cfg, test)
+    except Exception:
+        builder.rollback()
+        raise
+    consumer.replace_input_with(value, call)
+    # Erase the old reduction and epilogue explicitly: in-place steps (add_) are not dead code.
+    for old in reversed(chain[: chain.index(value) + 1]):
+        if not old.users:
+            gm.graph.erase_node(old)
+    return builder.prefix + "_counters"
+
+
+def _fold_epilogue(aff: _Affine, chain: list[Node], value: Node) -> None:
+    """Fold the steps after the reduction up to ``value`` (what the decision reads)."""
+    prev = chain[0]
+    for step in chain[1: chain.index(value) + 1]:
+        _fold_step(aff, step, prev)
+        prev = step
+
+
+def _consumer(gm: GraphModule, site: Site, chain: list[Node]) -> tuple[Node, Node]:
+    """The decision node (or output node) and the value it reads from the chain."""
+    last = chain[-1]
+    if site.decision == "relu" or last.op == "call_function" and \
+            getattr(last.target, "overloadpacket", None) is aten.argmax:
+        return last, chain[-2]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return output, last
+
+
+def _device(gm: GraphModule) -> torch.device:
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
+    node, args = chain[0], chain[0].args
+    w_node = None
+    if site.kind == "linear":
+        x, w_node, bias = args[0], args[1], RuleContext.arg(node, "bias")
+        weight = static_value(gm, w_node)
+    elif site.kind == "addmm":
+        bias, x = args[0], args[1]
+        weight = static_value(gm, args[2]).T
+    else:  # mm / matmul with a compile-time right operand
+        x, bias = args[0], None
+        if not _is_static(gm, args[1]):
+            raise NotRewritable("contraction of two run-time values: not rewritten yet")
+        weight = static_value(gm, args[1])
+        if weight.dim() != 2:
+            raise NotRewritable("batched matmul with a compile-time operand: not rewritten yet")
+        weight = weight.T
+    features, big_k = weight.shape
+    if bias is not None:
+        aff.add(bias)  # y = x W^T + b: the bias is the first step of the epilogue
+    _fold_epilogue(aff, chain, value)
+    before, n, after = _largest_free(list(site.contraction))
+    if before * n * after != big_k:
+        raise NotRewritable("contraction factors do not match the weight")
+    if before > 1:  # make each term contiguous: [A, n, B] -> [n, A, B]
+        weight = weight.reshape(features, before, n, after).transpose(1, 2).reshape(features, big_k)
+        split = builder.call(aten.unflatten.int, x, -1, [before, n, after])
+        x = builder.call(aten.flatten.using_ints, builder.call(aten.transpose.int, split, -3, -2), -3, -1)
+        w_node = None
+    if w_node is None:
+        w_node = builder.buffer("weight", weight)
+    scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
+    offset = _offset(builder, aff)
+    counters = builder.buffer("counters", new_counters(_device(gm)))
+    if site.decision == "relu":
+        target, critical = torch.ops.exprune.relu_matmul.default, cfg.critical
+    else:
+        target, critical = torch.ops.exprune.argmax_matmul.default, cfg.dominance_critical(features)
+    return builder.call(target, x, w_node, scale, offset, before * after, cfg.k, test, critical, counters)
+
+
+def _offset(builder: _Builder, aff: _Affine) -> Node | None:
+    """The node computing ``c`` (None when it is zero)."""
+    static = aff.c_static
+    static_node = builder.buffer("offset", static) if bool(torch.any(static != 0)) else None
+    if aff.c_dyn is None:
+        return static_node
+    if static_node is None:
+        return aff.c_dyn
+    return builder.call(aten.add.Tensor, aff.c_dyn, static_node)
+
+
+def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
+    node, args = chain[0], chain[0].args
+    x, w_node = args[0], args[1]
+    weight = static_value(gm, w_node)
+    bias = RuleContext.arg(node, "bias")
+    stride, padding, dilation = (RuleContext.arg(node, n) for n in ("stride", "padding", "dilation"))
+    groups = int(RuleContext.arg(node, "groups", 1))
+    if weight.dim() != 4 or RuleContext.arg(node, "transposed", False):
+        raise NotRewritable("only 2-d, non-transposed convolutions have an early-exit kernel")
+    if isinstance(padding, str) or any(not isinstance(v, int) for v in list(padding) + list(stride) + list(dilation)):
+        raise NotRewritable("convolution with string or symbolic padding/stride: not rewritten yet")
+    pair = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
+    cout = weight.shape[0]
+    channel_classes = lifted_node.args[1].meta[META_AXES][1]
+    by_id = {cid: (cid, size, free) for cid, size, free in _site_factors(lifted_node)}
+    before, n, unit = _largest_free([by_id[c] for c in channel_classes])
+    if before > 1:
+        raise NotRewritable("the free channel factor is not the outermost one")
+    if bias is not None:
+        aff.add(static_value(gm, bias).reshape(-1, 1, 1))
+    _fold_epilogue(aff, chain, value)
+    scale = builder.buffer("scale", _feature_vector(aff.a, cout, 3, "scale"))
+    offset = _offset(builder, aff)
+    counters = builder.buffer("counters", new_counters(_device(gm)))
+    return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, pair(stride),
+                        pair(padding), pair(dilation), groups, unit, cfg.k, test, cfg.critical, counters)
+
+
+def _site_factors(lifted_node: Node) -> tuple:
+    return lifted_node.meta["exprune.site"].contraction
