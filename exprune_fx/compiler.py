@@ -69,7 +69,15 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         self._calls += 1
         self._rows += _rows(args, kwargs)
-        return self.graph_module(*args, **kwargs)
+        try:
+            return self.graph_module(*args, **kwargs)
+        except AssertionError as exc:
+            if "Guard failed" not in str(exc):
+                raise
+            shapes = "a dynamic batch axis" if self.analysis.lifted.dynamic_batch else "the example's exact shapes"
+            raise InputError(
+                f"these inputs do not fit the compiled graph ({str(exc).strip()}); it was exported for "
+                f"{shapes}. Compile again with example inputs shaped like the ones you run.") from None
 
     @property
     def rewritten_sites(self) -> list[SiteReport]:

@@ -29,7 +29,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.fx import GraphModule
-from torch.utils._pytree import keystr, tree_flatten_with_path
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 
 from .errors import ExportError, InputError, TrainingModeError
 
@@ -53,6 +53,7 @@ class Lifted:
     kwargs: dict
     output_names: tuple[str, ...]  # one per flat graph output, e.g. ("logits",)
     reference_outputs: tuple  # the eager model's flat outputs on the example inputs
+    dynamic_batch: bool = False  # whether the graph accepts other batch sizes
 
     @property
     def graph_module(self) -> GraphModule:
@@ -172,13 +173,22 @@ def lift(model: torch.nn.Module, example_inputs: Any, dynamic_batch: bool = Fals
                 f"the example inputs have the shapes, dtypes and argument names the model's "
                 f"forward expects (inputs given: {_describe(args, kwargs)})."
             ) from exc
-    export_args, export_kwargs, shapes = _batch_dynamic(args, kwargs) if dynamic_batch else (args, kwargs, None)
-    if shapes is not None:
-        shapes = _shapes_by_name(model, shapes)
+    exported = None
+    if dynamic_batch and any(isinstance(t, torch.Tensor) and t.layout != torch.strided
+                             for t in tree_leaves((args, kwargs))):
+        dynamic_batch = False  # torch.export cannot trace sparse inputs with symbolic shapes
+    if dynamic_batch:
+        export_args, export_kwargs, shapes = _batch_dynamic(args, kwargs)
+        try:
+            exported = torch.export.export(model, export_args, export_kwargs,
+                                           dynamic_shapes=_shapes_by_name(model, shapes), strict=False)
+        except Exception:  # e.g. sparse inputs: fall back to the example's exact shapes
+            exported = None
     with _module_tracker(model) as stack:
         try:
-            exported = torch.export.export(model, export_args, export_kwargs, dynamic_shapes=shapes,
-                                           strict=False)
+            if exported is None:
+                exported = torch.export.export(model, args, kwargs, strict=False)
+                dynamic_batch = False
         except Exception as exc:
             where = f" in module {stack[-1]}" if stack else ""
             raise ExportError(
@@ -189,7 +199,7 @@ def lift(model: torch.nn.Module, example_inputs: Any, dynamic_batch: bool = Fals
             ) from exc
     _label_placeholders(exported)
     flat_ref = tuple(leaf for _, leaf in tree_flatten_with_path(reference)[0])
-    return Lifted(exported, args, kwargs, output_names(reference), flat_ref)
+    return Lifted(exported, args, kwargs, output_names(reference), flat_ref, dynamic_batch)
 
 
 def _shapes_by_name(model: torch.nn.Module, shapes: tuple) -> Any:

@@ -61,3 +61,26 @@ def test_hf_resnet_convs_are_eligible():
     a = analyze(model, inputs)
     assert len(a.eligible_sites) >= 5
     assert all(s.decision == "relu" for s in a.eligible_sites)
+
+
+def test_opt_compiles_matches_and_prunes():
+    import torch
+
+    import exprune_fx
+    from exprune_fx import Config
+
+    model, inputs = hf_models.opt()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        never = exprune_fx.compile(model, inputs, Config(alpha=0.0, k=8), outputs={"logits": "argmax"})
+        out = never(**inputs)
+        assert type(out).__name__ == "CausalLMOutputWithPast"
+        torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+        assert len(never.rewritten_sites) == 3  # two FFN up-projections and the LM head
+        pruning = exprune_fx.compile(model, inputs, Config(alpha=0.3, k=8), outputs={"logits": "argmax"})
+        one = {**inputs, "input_ids": inputs["input_ids"][:1]}
+        pruning(**one)
+    stats = pruning.exprune_stats()
+    ffn = [s for s in stats["sites"].values() if s["decision"] == "relu"]
+    assert all(s["prune_rate"] > 0 for s in ffn)
+    assert stats["rows"] == 1

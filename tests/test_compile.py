@@ -1,0 +1,210 @@
+"""exprune_fx.compile end to end: equivalence, prune-everything, structure, errors."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from archgen import architectures
+from hypothesis import given, settings
+from torch import nn
+
+import exprune_fx
+from exprune_fx import Config, ExPruneWarning, InputError
+from exprune_fx.zoo import gcn, mlp, residual_cnn
+
+NEVER = Config(alpha=0.0, k=2)
+EVERYTHING = Config(test="threshold", threshold=math.inf, k=2)
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def op_outputs(compiled, x):
+    """Run the compiled graph on one tensor input, returning each exprune op's result."""
+    seen = []
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if str(node.target).startswith("exprune."):
+                seen.append((node, result))
+            return result
+
+    with torch.no_grad():
+        Recorder(compiled.graph_module).run(x)
+    return seen
+
+
+@settings(max_examples=60)
+@given(architectures())
+def test_never_prune_is_equivalent(arch):
+    model, x = arch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExPruneWarning)
+        compiled = exprune_fx.compile(model, x, NEVER)
+    for batch in (x, torch.cat([x, -x, 2 * x])):
+        torch.testing.assert_close(run(compiled, batch), run(model, batch), rtol=1e-5, atol=1e-5)
+    stats = compiled.exprune_stats()
+    assert all(s["pruned"] == 0 for s in stats["sites"].values())
+
+
+@settings(max_examples=60)
+@given(architectures())
+def test_prune_everything(arch):
+    """threshold=+inf: every decided output is exactly 0 after its ReLU, and the counted
+    work of every rewritten site is its partial reduction and tests only."""
+    model, x = arch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExPruneWarning)
+        compiled = exprune_fx.compile(model, x, EVERYTHING)
+    for node, out in op_outputs(compiled, x):
+        if "relu" in str(node.target):
+            assert torch.all(out == 0)
+    for name, s in compiled.exprune_stats()["sites"].items():
+        if s["decision"] == "relu":
+            assert s["pruned"] == s["outputs"] > 0
+            assert s["remainder_macs"] == 0
+            assert s["executed_macs"] == s["partial_macs"] + s["test_macs"]
+
+
+def test_pruned_outputs_are_zero_and_the_rest_exact():
+    model, x = mlp(widths=(32, 256, 256, 10), batch=64)
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.3, k=16))
+    ((node, out),) = op_outputs(compiled, x)
+    dense = model[2](model[1](model[0](x)))  # linear_1's pre-activation
+    pruned = out == 0
+    assert 0 < pruned.float().mean() < 1
+    torch.testing.assert_close(out[~pruned], dense[~pruned], rtol=1e-5, atol=1e-5)
+
+
+def test_other_batch_sizes_and_structures():
+    class Structured(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+
+        def forward(self, x, scale=None):
+            h = torch.relu(self.b(torch.relu(self.a(x))))
+            return {"logits": self.c(h) * scale, "hidden": (h, h.sum(-1))}
+
+    model = Structured().eval()
+    inputs = {"x": torch.randn(1, 6), "scale": torch.tensor(2.0)}
+    compiled = exprune_fx.compile(model, inputs, NEVER)
+    for batch in (1, 5, 33):
+        call = {"x": torch.randn(batch, 6), "scale": torch.tensor(2.0)}
+        out, ref = run(compiled, call), run(model, call)
+        assert isinstance(out, dict) and isinstance(out["hidden"], tuple)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gcn_with_sparse_adjacency():
+    model, inputs = gcn(sparse=True)
+    compiled = exprune_fx.compile(model, inputs, NEVER)
+    torch.testing.assert_close(run(compiled, inputs), run(model, inputs), rtol=1e-5, atol=1e-5)
+    assert [s.name for s in compiled.rewritten_sites] == ["linear_1"]
+
+
+def test_the_original_model_is_not_modified():
+    model, x = residual_cnn()
+    state = copy.deepcopy(model.state_dict())
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.2, k=8))
+    run(compiled, x)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(k.startswith("exprune") for k in model.state_dict())
+    assert not model.training
+
+
+def test_no_eligible_site_warns_and_behaves_like_the_model():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 4)
+    with pytest.warns(ExPruneWarning, match="no site was rewritten.*linear_1: no decision"):
+        compiled = exprune_fx.compile(model, x)
+    torch.testing.assert_close(run(compiled, x), run(model, x))
+
+
+def test_sites_left_dense_are_reported():
+    model, x = mlp(widths=(8, 16, 64, 64, 3))
+    compiled = exprune_fx.compile(model, x, Config(k=32, sites={"linear_2": {"enabled": False}}))
+    by_name = {s.name: s for s in compiled.sites}
+    assert "n=16 <= k=32" in by_name["linear_1"].reason
+    assert by_name["linear_2"].reason == "disabled in the config"
+    assert "no free factor" in by_name["linear"].reason
+    assert "dense:" in compiled.report()
+    with pytest.raises(InputError, match="unknown sites"):
+        exprune_fx.compile(model, x, Config(sites={"linear_9": {"k": 4}}))
+    with pytest.raises(InputError, match="Config"):
+        exprune_fx.compile(model, x, {"k": 4})
+
+
+def test_stats_and_reset():
+    model, x = mlp(widths=(32, 256, 256, 10), batch=8)
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.2, k=16))
+    run(compiled, x)
+    run(compiled, torch.randn(24, 32))
+    stats = compiled.exprune_stats()
+    site = stats["sites"]["linear_1"]
+    assert stats["calls"] == 2 and stats["rows"] == 32 and site["calls"] == 2
+    assert site["dense_macs"] == 32 * 256 * 256
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(32, 32))
+    assert stats["dense_flops"] == pytest.approx(counter.get_total_flops())
+    assert stats["executed_flops"] == pytest.approx(
+        stats["dense_flops"] - 2 * site["dense_macs"] + 2 * site["executed_macs"])
+    compiled.reset_stats()
+    assert compiled.exprune_stats()["calls"] == 0 and compiled.exprune_stats()["sites"]["linear_1"]["calls"] == 0
+
+
+def _trained_mlp():
+    """A ReLU MLP trained for a few seconds on learnable synthetic data (Gaussian clusters)."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 20, generator=g) * 1.5
+
+    def data(count):
+        y = torch.randint(0, 10, (count,), generator=g)
+        return centers[y] + torch.randn(count, 20, generator=g), y
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(150):
+        x, y = data(256)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), data(4000)
+
+
+def test_trained_model_saves_flops_within_one_point():
+    model, (x, y) = _trained_mlp()
+    dense_acc = (run(model, x).argmax(1) == y).float().mean().item()
+    compiled = exprune_fx.compile(model, x[:8], Config(alpha=0.05, k=32))
+    acc = (run(compiled, x).argmax(1) == y).float().mean().item()
+    stats = compiled.exprune_stats()
+    assert dense_acc > 0.8
+    assert stats["reduction"] > 0.0
+    assert stats["sites"]["linear_1"]["prune_rate"] > 0.05
+    assert acc >= dense_acc - 0.01
+
+
+def test_rewritten_graph_exports_and_prints():
+    model, x = mlp(widths=(8, 64, 64, 3))
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.1, k=16))
+    assert "exprune.relu_matmul" in compiled.graph_module.code
+    exported = torch.export.export(compiled.graph_module, (x,), strict=False)
+    assert any("exprune.relu_matmul" in str(n.target) for n in exported.graph.nodes)
+
+
+def test_inductor_compiles_around_the_runtime_ops():
+    model, x = mlp(widths=(8, 64, 64, 3))
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.0, k=16))
+    fast = torch.compile(compiled.graph_module, backend="inductor")
+    torch.testing.assert_close(run(fast, x), run(model, x), rtol=1e-5, atol=1e-5)
+    assert compiled.exprune_stats()["sites"]["linear_1"]["calls"] >= 1  # the op ran and counted
