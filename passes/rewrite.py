@@ -200,7 +200,10 @@ def _fold_step(aff: _Affine, step: Node, value: Node) -> None:
     if p in (aten.add, aten.add_):
         if RuleContext.arg(step, "alpha", 1) != 1:
             raise NotRewritable("add with alpha != 1 in the epilogue")
-        aff.add(other[0] if other else value)
+        if other:
+            aff.add(other[0])
+        else:
+            aff.scale(torch.tensor(2.0))  # v + v
     elif p in (aten.sub, aten.sub_):
         if RuleContext.arg(step, "alpha", 1) != 1:
             raise NotRewritable("sub with alpha != 1 in the epilogue")

@@ -102,13 +102,14 @@ def _epilogue_step(node: Node, value: Node, dynamic: set[Node]) -> bool:
     p = _packet(node)
     if p in _LAYOUT:
         return node.args[0] is value
+    operands = list(node.args[:2])
     if p in _ADD:
-        return True
+        return not (p in (aten.sub, aten.sub_) and operands.count(value) == 2)  # v - v is no decision input
     if p in _SCALE:
-        others = [a for a in node.args[:2] if a is not value]
-        if p in (aten.div, aten.div_) and node.args[0] is not value:
-            return False
-        return all(not isinstance(a, Node) or a not in dynamic for a in others)
+        if operands.count(value) != 1 or (p in (aten.div, aten.div_) and operands[0] is not value):
+            return False  # v * v, or s / v, is not affine in v
+        other = operands[1] if operands[0] is value else operands[0]
+        return not isinstance(other, Node) or other not in dynamic
     if p in _BATCH_NORM:
         return node.args[0] is value and not RuleContext.arg(node, "training", False)
     return False

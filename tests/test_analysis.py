@@ -248,3 +248,18 @@ def test_einsum_and_bmm_contractions():
     assert {s.kind for s in a.sites} == {"einsum", "bmm"}
     assert a.site("bmm").n == 8
     assert check_symmetry(Mix().eval(), x, a) == []
+
+
+def test_square_is_not_an_affine_step_and_doubling_is():
+    class Twice(nn.Module):
+        def __init__(self, square):
+            super().__init__()
+            self.a, self.b, self.square = nn.Linear(4, 8), nn.Linear(8, 8), square
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.a(x)))
+            return torch.relu(y * y if self.square else y + y)
+
+    x = torch.randn(2, 4)
+    assert analyze(Twice(True).eval(), x).site("linear_1").decision is None
+    assert analyze(Twice(False).eval(), x).site("linear_1").eligible

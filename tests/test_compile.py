@@ -208,3 +208,45 @@ def test_inductor_compiles_around_the_runtime_ops():
     fast = torch.compile(compiled.graph_module, backend="inductor")
     torch.testing.assert_close(run(fast, x), run(model, x), rtol=1e-5, atol=1e-5)
     assert compiled.exprune_stats()["sites"]["linear_1"]["calls"] >= 1  # the op ran and counted
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_runs_on_cuda():
+    model, x = residual_cnn()
+    model, x = model.cuda(), x.cuda()
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.0, k=8))
+    torch.testing.assert_close(run(compiled, x), run(model, x), rtol=1e-4, atol=1e-4)
+    pruning = exprune_fx.compile(model, x, Config(alpha=0.2, k=8))
+    run(pruning, x)
+    assert pruning.exprune_stats()["reduction"] != 0
+
+
+def test_epilogue_folding_matches_dense():
+    """Bias, batch norm with negative scales, residual, doubling and constant scales folded."""
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 64)
+            self.b = nn.Linear(64, 64)
+            self.bn = nn.BatchNorm1d(64)
+            self.bn.weight.data.uniform_(-1.5, 1.5)
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2)
+            self.gain = nn.Parameter(torch.rand(64) + 0.5)  # a buffer would pin the width
+            self.head = nn.Linear(64, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            y = self.bn(self.b(h))
+            return self.head(torch.relu((y + y + h) * self.gain / 3.0 - 0.1))
+
+    model, x = Chain().eval(), torch.randn(64, 6)
+    never = exprune_fx.compile(model, x, Config(alpha=0.0, k=8))
+    assert [s.name for s in never.rewritten_sites] == ["linear_1"]
+    torch.testing.assert_close(run(never, x), run(model, x), rtol=1e-5, atol=1e-5)
+    some = exprune_fx.compile(model, x, Config(alpha=0.3, k=8))
+    ((_, out),) = op_outputs(some, x)
+    ((_, dense),) = op_outputs(never, x)
+    kept = out != 0
+    assert 0 < kept.float().mean() < 1
+    torch.testing.assert_close(out[kept], dense[kept], rtol=1e-5, atol=1e-5)
