@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install data test demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/exprune-fx demo --out demo-out
 
-bench: $(STAMP)
+# Real data for the benchmarks: Debian's Fashion-MNIST package (needs root for apt-get).
+data:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "run 'apt-get install dataset-fashion-mnist' as root for the benchmarks"; exit 1; fi; }
+
+bench: $(STAMP) data
 	$(PY) benchmarks/run.py --out bench-out
 
 clean:
