@@ -1,22 +1,45 @@
 """The ``exprune-fx`` command line (also ``python -m exprune_fx``).
 
-``exprune-fx dump MODEL``
-    Lift or analyse a model and print its graph as text, JSON or graphviz DOT. ``MODEL`` is
-    ``package.module:callable`` or ``path/to/file.py:callable``; the callable takes no
-    arguments and returns a model or ``(model, example_inputs)``. ``--input-shape`` (one per
-    positional input) replaces the example inputs with seeded random float32 tensors.
+``MODEL`` is ``package.module:callable`` or ``path/to/file.py:callable``; the callable takes
+no arguments and returns a model or ``(model, example_inputs)``, where the example inputs are
+a tensor, a tuple of positional inputs, a dict of keyword inputs or ``(args, kwargs)``.
+``--input-shape`` (one per positional input) replaces them with seeded random float32
+tensors; ``--eval`` puts the model in eval mode first.
+
+``exprune-fx dump MODEL [--stage lifted|analyzed|rewritten] [--format text|json|dot] [-o FILE]``
+    Print a model's graph. ``lifted``: the ATen graph with shapes; ``analyzed`` (default):
+    with each axis' symmetry classes and the reduction sites; ``rewritten``: the graph that
+    ``exprune_fx.compile`` produces, each early-exit op marked
+    ``EARLY-EXIT site=linear_1 k=32 test=stats decision=relu`` and the compile report
+    (``CompiledModel.report()``) as the footer. ``--outputs NAME[=argmax] ...`` declares the
+    outputs that define the model's function (analyzed and rewritten stages).
+``exprune-fx stats MODEL [--batches N] [--batch-size B] [--seed S] [--format text|json] [-o FILE]``
+    Compile the model on its example inputs, run ``N`` (default 4) batches of seeded random
+    inputs shaped like them through the compiled model under ``torch.no_grad()``, and print
+    the per-site prune rates and the whole-model FLOPs (``CompiledModel.report()``), or
+    ``CompiledModel.exprune_stats()`` as JSON with an added ``inputs`` entry. Float tensors
+    are drawn from N(0, 1), integer tensors (token ids) uniformly from ``[0, max + 1)`` of
+    the example; other values are the example's. ``--batch-size B`` sets the size of axis 0
+    of every input tensor (rows of bool tensors are repeated from the example).
+``--k K --test stats|threshold --alpha A --threshold T`` (``dump --stage rewritten``, ``stats``)
+    The :class:`exprune_fx.Config` to compile with (defaults: 32, stats, 0.05, 0.0).
 ``exprune-fx demo [--out DIR]``
     Analyse the shipped residual CNN, check the symmetries it found by permuting the weights,
     and write its dumps to ``DIR`` (default ``demo-out``).
 
 Errors are one line on stderr starting with ``exprune-fx: error:``; the exit status is 2 for
-a bad command line (arguments, model spec, shapes) and 1 when the model cannot be lifted or
-analysed.
+a bad command line (arguments, model spec, shapes, config values) and 1 when the model cannot
+be loaded, lifted, analysed, compiled or run. When compiling rewrites no site, a one-line
+``exprune-fx: note:`` on stderr says so (the report's status column says why per site).
 
 Example:
     >>> from exprune_fx.cli import parse_shape
     >>> parse_shape("1,3,32,32")
     (1, 3, 32, 32)
+    >>> args, kwargs = random_batch(((torch.zeros(2, 4),), {"ids": torch.tensor([[3, 7]])}),
+    ...                             torch.Generator().manual_seed(0), batch_size=5)
+    >>> args[0].shape, kwargs["ids"].shape, int(kwargs["ids"].max()) < 8
+    (torch.Size([5, 4]), torch.Size([5, 2]), True)
 """
 
 from __future__ import annotations
@@ -25,23 +48,32 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
 import torch
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
 from . import __version__
 from .analysis import analyze
-from .dump import FORMATS, graphviz_available, render, write_dump
-from .errors import ExPruneError, TrainingModeError
-from .lifting import lift
+from .compiler import CompiledModel, ExPruneWarning
+from .compiler import compile as compile_model
+from .config import TESTS, Config
+from .dump import FORMATS, dtype_short, graphviz_available, render, render_compiled, write_dump
+from .errors import ExPruneError, InputError, TrainingModeError
+from .lifting import lift, normalize_inputs
 from .symmetry import check_symmetry
 
 PROG = "exprune-fx"
-STAGES = ("lifted", "analyzed")
+STAGES = ("lifted", "analyzed", "rewritten")
+STATS_FORMATS = ("text", "json")
+CONFIG_FLAGS = ("k", "test", "alpha", "threshold")
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 DEMO_NAME = "residual_cnn"
 _SUFFIX_FORMATS = {".txt": "text", ".json": "json", ".dot": "dot", ".svg": "dot", ".png": "dot"}
 _SPEC_FORMS = "'package.module:callable' or 'path/to/file.py:callable'"
@@ -73,8 +105,48 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see '{self.prog} --help')", status=2)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_model_arguments(command: argparse.ArgumentParser) -> None:
+    """MODEL, --input-shape, --outputs and --eval, shared by ``dump`` and ``stats``."""
+    command.add_argument("model", metavar="MODEL",
+                         help=f"{_SPEC_FORMS}; the callable takes no arguments and returns a "
+                              f"model or (model, example_inputs)")
+    command.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
+                         help="shape of one positional input, e.g. 1,3,32,32 (repeat for each "
+                              "input); seeded random float32 inputs replace the returned ones")
+    command.add_argument("--outputs", nargs="+", metavar="NAME", default=None,
+                         help="model outputs that define its function, NAME or NAME=argmax "
+                              "(default: all, as values)")
+    command.add_argument("--eval", action="store_true",
+                         help="put the model in eval mode before lifting it")
+
+
+def _add_config_arguments(command: argparse.ArgumentParser) -> None:
+    """--k, --test, --alpha, --threshold: the exprune_fx.Config to compile with."""
+    group = command.add_argument_group("compile settings (exprune_fx.Config)")
+    group.add_argument("--k", type=int, default=None, metavar="K",
+                       help="terms computed before the early-exit test (default 32); sites "
+                            "with n <= k stay dense")
+    group.add_argument("--test", choices=TESTS, default=None,
+                       help="stats (default): one-sided z-test at level --alpha; threshold: "
+                            "prune when the partial mean is below --threshold")
+    group.add_argument("--alpha", type=float, default=None, metavar="A",
+                       help="level of the stats test, in [0, 0.5] (default 0.05; 0 prunes nothing)")
+    group.add_argument("--threshold", type=float, default=None, metavar="T",
+                       help="threshold of the threshold test (default 0.0; inf and -inf allowed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``exprune-fx`` argument parser with its ``dump`` and ``demo`` commands."""
+    """The ``exprune-fx`` argument parser with its ``dump``, ``stats`` and ``demo`` commands."""
     parser = _Parser(prog=PROG, description="ExPrune as a torch.fx compiler pass: inspect what "
                      "the exchangeability analysis finds in a model.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -83,28 +155,38 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    dump = commands.add_parser("dump", help="print a model's lifted or analysed graph",
-                               description="Lift or analyse MODEL and print its graph.")
-    dump.add_argument("model", metavar="MODEL",
-                      help=f"{_SPEC_FORMS}; the callable takes no arguments and returns a model "
-                           f"or (model, example_inputs)")
-    dump.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
-                      help="shape of one positional input, e.g. 1,3,32,32 (repeat for each "
-                           "input); seeded random float32 inputs replace the returned ones")
+    dump = commands.add_parser("dump", help="print a model's lifted, analysed or rewritten graph",
+                               description="Lift, analyse or compile MODEL and print its graph.")
+    _add_model_arguments(dump)
     dump.add_argument("--stage", choices=STAGES, default="analyzed",
                       help="lifted: the ATen graph only; analyzed (default): with symmetry "
-                           "classes and reduction sites")
+                           "classes and reduction sites; rewritten: the compiled graph with "
+                           "its early-exit ops and the compile report")
     dump.add_argument("--format", choices=FORMATS, default=None,
                       help="output format (default: from the -o suffix, else text)")
     dump.add_argument("-o", "--output", metavar="FILE", default=None,
                       help="write to FILE instead of stdout (a .svg/.png file is rendered "
                            "with graphviz when it is installed)")
-    dump.add_argument("--outputs", nargs="+", metavar="NAME", default=None,
-                      help="model outputs that define its function, NAME or NAME=argmax "
-                           "(default: all, as values)")
-    dump.add_argument("--eval", action="store_true",
-                      help="put the model in eval mode before lifting it")
+    _add_config_arguments(dump)
     dump.set_defaults(handler=run_dump)
+
+    stats = commands.add_parser(
+        "stats", help="compile a model, run random batches and print its prune rates and FLOPs",
+        description="Compile MODEL with ExPrune, run seeded random batches shaped like its example "
+                    "inputs through it, and print each site's prune rate and the whole-model FLOPs.")
+    _add_model_arguments(stats)
+    stats.add_argument("--batches", type=_positive_int, default=4, metavar="N",
+                       help="random batches to run (default 4)")
+    stats.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                       help="size of axis 0 of every input tensor (default: as in the example inputs)")
+    stats.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    stats.add_argument("--format", choices=STATS_FORMATS, default=None,
+                       help="text: the report table; json: exprune_stats() (default: from the -o "
+                            "suffix, else text)")
+    stats.add_argument("-o", "--output", metavar="FILE", default=None,
+                       help="write to FILE instead of stdout")
+    _add_config_arguments(stats)
+    stats.set_defaults(handler=run_stats)
 
     demo = commands.add_parser("demo", help="analyse and symmetry-check the demo residual CNN",
                                description="Analyse the shipped residual CNN, check its "
@@ -128,6 +210,63 @@ def random_inputs(shapes: Sequence[tuple[int, ...]], seed: int = 0) -> tuple[tor
     """Seeded standard-normal float32 tensors, one per shape."""
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(shape, generator=gen, dtype=torch.float32) for shape in shapes)
+
+
+def _random_like(value: Any, gen: torch.Generator, batch_size: int | None) -> Any:
+    """A random tensor like ``value`` (see :func:`random_batch`); non-tensors unchanged."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    shape = tuple(value.shape)
+    if batch_size is not None and shape:
+        shape = (batch_size,) + shape[1:]
+    if value.is_floating_point() or value.is_complex():
+        return torch.randn(shape, generator=gen, dtype=value.dtype).to(value.device)
+    if _is_integer(value.dtype):
+        high = int(value.max()) + 1 if value.numel() else 1
+        return torch.randint(0, max(high, 1), shape, generator=gen, dtype=value.dtype).to(value.device)
+    if shape != tuple(value.shape) and value.dim() and value.shape[0]:  # repeat the example's rows
+        return value[torch.arange(shape[0], device=value.device) % value.shape[0]]
+    return value
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return dtype in _INTEGER_DTYPES
+
+
+def random_batch(example: Any, gen: torch.Generator, batch_size: int | None = None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` shaped like the example inputs, drawn from ``gen``.
+
+    Float tensors are standard normal, integer tensors uniform in ``[0, max(example) + 1)``;
+    bool tensors and non-tensor values are the example's. ``batch_size`` replaces the size
+    of axis 0 of every tensor (a bool tensor's rows are repeated from the example).
+    """
+    args, kwargs = normalize_inputs(example)
+    return tree_map(lambda v: _random_like(v, gen, batch_size), (tuple(args), dict(kwargs)))
+
+
+def describe_inputs(example: Any, batch_size: int | None = None) -> str:
+    """``x f32[B, 4] ~ N(0, 1), input_ids i64[B, 8] uniform in [0, 96), use_cache=False``."""
+    args, kwargs = normalize_inputs(example)
+    parts = []
+    for name, value in [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items()):
+        for path, leaf in tree_flatten_with_path(value)[0]:
+            label = name + keystr(path)
+            if not isinstance(leaf, torch.Tensor):
+                parts.append(f"{label}={leaf!r}")
+                continue
+            dims = [str(d) for d in leaf.shape]
+            if batch_size is not None and dims:
+                dims[0] = str(batch_size)
+            text = f"{label} {dtype_short(leaf.dtype)}[{', '.join(dims)}]"
+            if leaf.is_floating_point() or leaf.is_complex():
+                text += " ~ N(0, 1)"
+            elif _is_integer(leaf.dtype):
+                high = max(int(leaf.max()) + 1 if leaf.numel() else 1, 1)
+                text += f" uniform in [0, {high})"
+            else:
+                text += " as in the example"
+            parts.append(text)
+    return ", ".join(parts) or "none"
 
 
 def parse_outputs(names: Sequence[str] | None) -> dict[str, str] | None:
@@ -249,29 +388,111 @@ def _model_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
     return model, inputs
 
 
-def run_dump(args: argparse.Namespace) -> int:
-    """``exprune-fx dump``: render the lifted or analysed graph of a model."""
-    fmt = _choose_format(args.format, args.output)
-    outputs = parse_outputs(args.outputs)
-    if outputs is not None and args.stage == "lifted":
-        raise CliError("--outputs only applies to --stage analyzed")
-    model, inputs = _model_inputs(args)
+def _config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The :class:`Config` that ``--k/--test/--alpha/--threshold`` describe (a CliError if invalid)."""
     try:
-        if args.stage == "lifted":
-            gm, classes = lift(model, inputs).graph_module, None
-        else:
-            analysis = analyze(model, inputs, outputs=outputs)
-            gm, classes = analysis.graph_module, analysis.classes
+        return Config(**_config_flags(args))
+    except InputError as exc:
+        message = _one_line(str(exc))
+        for name in CONFIG_FLAGS:
+            message = message.replace(f"Config.{name} ", f"--{name} ")
+        raise CliError(f"invalid compile setting: {message}") from exc
+
+
+@contextlib.contextmanager
+def _model_errors() -> Iterator[None]:
+    """Report the errors of lifting, analysing or compiling as one line, exit status 1."""
+    try:
+        yield
     except TrainingModeError as exc:
         raise CliError(f"{_one_line(str(exc))} From the command line, pass --eval.", 1) from exc
     except ExPruneError as exc:
         raise CliError(_one_line(str(exc)), 1) from exc
-    content = render(gm, classes, fmt)
-    if args.output is None:
+
+
+def compile_quietly(model: torch.nn.Module, inputs: Any, config: Config,
+                    outputs: dict[str, str] | None) -> CompiledModel:
+    """``exprune_fx.compile`` whose ExPruneWarning becomes a one-line note on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _model_errors():
+            compiled = compile_model(model, inputs, config, outputs=outputs)
+    for warning in caught:
+        if issubclass(warning.category, ExPruneWarning):
+            print(f"{PROG}: note: no site was rewritten, the compiled model runs dense (the report "
+                  f"gives each site's reason)", file=sys.stderr)
+        else:  # through the usual filters again
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return compiled
+
+
+def _emit(content: str, fmt: str, output: str | None) -> None:
+    if output is None:
         sys.stdout.write(content)
     else:
-        written = write_dump(content, fmt, args.output)
+        written = write_dump(content, fmt, output)
         print(f"wrote {written}")
+
+
+def run_dump(args: argparse.Namespace) -> int:
+    """``exprune-fx dump``: render the lifted, analysed or rewritten graph of a model."""
+    fmt = _choose_format(args.format, args.output)
+    outputs = parse_outputs(args.outputs)
+    if outputs is not None and args.stage == "lifted":
+        raise CliError("--outputs only applies to --stage analyzed or rewritten")
+    if args.stage != "rewritten" and _config_flags(args):
+        flags = [f"--{name}" for name in _config_flags(args)]
+        verb = "applies" if len(flags) == 1 else "apply"
+        raise CliError(f"{', '.join(flags)} only {verb} to --stage rewritten (and to the stats command)")
+    config = config_from_args(args) if args.stage == "rewritten" else None
+    model, inputs = _model_inputs(args)
+    if args.stage == "rewritten":
+        content = render_compiled(compile_quietly(model, inputs, config, outputs), fmt)
+    else:
+        with _model_errors():
+            if args.stage == "lifted":
+                gm, classes = lift(model, inputs).graph_module, None
+            else:
+                analysis = analyze(model, inputs, outputs=outputs)
+                gm, classes = analysis.graph_module, analysis.classes
+        content = render(gm, classes, fmt)
+    _emit(content, fmt, args.output)
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    """``exprune-fx stats``: compile a model, run random batches, print prune rates and FLOPs."""
+    suffix = Path(args.output).suffix.lower() if args.output else ""
+    fmt = args.format or ("json" if suffix == ".json" else "text")
+    outputs = parse_outputs(args.outputs)
+    config = config_from_args(args)
+    model, inputs = _model_inputs(args)
+    compiled = compile_quietly(model, inputs, config, outputs)
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for index in range(args.batches):
+            batch_args, batch_kwargs = random_batch(inputs, gen, args.batch_size)
+            where = f"running random batch {index + 1} of {args.batches} through the compiled model"
+            try:
+                compiled(*batch_args, **batch_kwargs)
+            except ExPruneError as exc:
+                raise CliError(f"{where}: {_one_line(str(exc))}", 1) from exc
+            except Exception as exc:
+                raise CliError(f"{where} failed: {_describe_exception(exc)}", 1) from exc
+    described = describe_inputs(inputs, args.batch_size)
+    stats = compiled.exprune_stats()
+    if fmt == "json":
+        stats["inputs"] = {"batches": args.batches, "batch_size": args.batch_size, "seed": args.seed,
+                           "description": described}
+        content = json.dumps(stats, indent=1) + "\n"
+    else:
+        content = (f"inputs: {args.batches} batches of seeded random inputs (seed {args.seed}) shaped "
+                   f"like the example inputs: {described}\n{compiled.report()}\n")
+    _emit(content, fmt, args.output)
     return 0
 
 
@@ -306,9 +527,22 @@ def run_demo(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--threshold -inf`` -> ``--threshold=-inf``: argparse takes ``-inf`` for an option."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--threshold", "--alpha") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (errors are one line on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)

@@ -121,14 +121,20 @@ class CompiledModel(torch.nn.Module):
     def report(self) -> str:
         """A table of every site: rewritten or why not, and its prune rate so far."""
         stats = self.exprune_stats()
-        lines = [f"{'site':<24} {'kind':<8} {'decision':<8} {'n':>5} {'k':>4} {'prune rate':>10}  status"]
+        width = max([24] + [len(s.name) for s in self.sites])
+        lines = [f"{'site':<{width}} {'kind':<9} {'decision':<8} {'n':>5} {'k':>4} {'prune rate':>10}  status"]
         for s in self.sites:
-            rate = stats["sites"].get(s.name, {}).get("prune_rate")
-            lines.append(f"{s.name:<24} {s.kind:<8} {s.decision or '-':<8} {s.n or '-':>5} "
-                         f"{s.k if s.rewritten else '-':>4} {'-' if rate is None else f'{rate:.1%}':>10}  "
+            counted = stats["sites"].get(s.name, {})
+            rate = f"{counted['prune_rate']:.1%}" if counted.get("calls") else "-"
+            lines.append(f"{s.name:<{width}} {s.kind:<9} {s.decision or '-':<8} {s.n or '-':>5} "
+                         f"{s.k if s.rewritten else '-':>4} {rate:>10}  "
                          f"{'rewritten' if s.rewritten else 'dense: ' + str(s.reason)}")
-        lines.append(f"whole model: {stats['dense_flops']:.4g} dense FLOPs, {stats['executed_flops']:.4g} "
-                     f"executed, reduction {stats['reduction']:.2%} ({FLOPS_NOTE})")
+        if not stats["calls"]:
+            lines.append("whole model: no calls counted yet (run the compiled model, then report)")
+        else:
+            lines.append(f"whole model over {stats['calls']} call(s), {stats['rows']} row(s): "
+                         f"{stats['dense_flops']:.4g} dense FLOPs, {stats['executed_flops']:.4g} executed, "
+                         f"reduction {stats['reduction']:.2%} ({FLOPS_NOTE})")
         return "\n".join(lines)
 
 

@@ -1,11 +1,16 @@
-"""Render a lifted or analysed graph as text, JSON or graphviz DOT (what ``exprune-fx dump`` prints).
+"""Render a lifted, analysed or rewritten graph as text, JSON or graphviz DOT (what ``exprune-fx dump`` prints).
 
-Every renderer takes the graph module and, for an analysed graph, the analysis' symmetry
-classes. With ``classes=None`` (the *lifted* stage) nodes show their shapes; with classes
-(the *analysed* stage) every axis shows its factors, ``f{id}:{size}`` for a free class and
-``p{id}:{size}`` for a pinned one (``1`` for a size-1 axis, factors of one axis joined by
-``x``), and reduction sites show whether ExPrune can rewrite them. The renderers only read
-``node.meta``; they store nothing on the graph.
+The lifted and analysed renderers take the graph module and, for an analysed graph, the
+analysis' symmetry classes. With ``classes=None`` (the *lifted* stage) nodes show their
+shapes; with classes (the *analysed* stage) every axis shows its factors, ``f{id}:{size}``
+for a free class and ``p{id}:{size}`` for a pinned one (``1`` for a size-1 axis, factors of
+one axis joined by ``x``), and reduction sites show whether ExPrune can rewrite them.
+
+The *rewritten* stage renders a :class:`~exprune_fx.compiler.CompiledModel`: its unlifted
+graph module, where every early-exit op (a ``torch.ops.exprune.*`` call) is marked with its
+site and settings (``EARLY-EXIT site=linear_1 k=32 test=stats decision=relu``) and every
+site left dense with its reason (``DENSE site=linear: <reason>``); see
+:func:`render_compiled`. The renderers only read the graph; they store nothing on it.
 
 Example:
     >>> import torch
@@ -28,23 +33,31 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
 
 from .passes.exchangeability import META_AXES, META_ROLE, META_TARGET, SymmetryClass
+from .passes.rewrite import SiteReport
 from .passes.sites import META_SITE, Site
+
+if TYPE_CHECKING:
+    from .compiler import CompiledModel
 
 FORMATS = ("text", "json", "dot")
 IMAGE_SUFFIXES = (".svg", ".png")
+EARLY_EXIT_PREFIX = "exprune."
 _ELIGIBLE_COLOR = "palegreen"
 _INELIGIBLE_COLOR = "orange"
+_EARLY_EXIT_COLOR = "lightblue"
 
 AxisLabels = tuple[tuple[int, ...], ...]
 
@@ -87,6 +100,8 @@ def _call_text(node: Node) -> str:
         role = node.meta.get(META_ROLE, "input")
         name = node.meta.get(META_TARGET)
         return f"placeholder[{role} {name}]" if name else f"placeholder[{role}]"
+    if node.op == "get_attr":
+        return f"get_attr[{node.target}]"
     if node.op == "output":
         single = len(node.args) == 1 and isinstance(node.args[0], (tuple, list))
         values = node.args[0] if single else node.args
@@ -112,7 +127,8 @@ def _shape_of(val: Any) -> Any:
     return None
 
 
-def _dtype_short(dtype: torch.dtype) -> str:
+def dtype_short(dtype: torch.dtype) -> str:
+    """``f32`` for torch.float32, ``i64`` for torch.int64, the dtype's name for the rarer ones."""
     short = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
              torch.int64: "i64", torch.int32: "i32", torch.bool: "bool", torch.uint8: "u8"}
     return short.get(dtype, str(dtype).replace("torch.", ""))
@@ -121,7 +137,7 @@ def _dtype_short(dtype: torch.dtype) -> str:
 def _shape_text(val: Any) -> str:
     """``f32[2, 16]`` for a tensor, a parenthesised list for several results, '' otherwise."""
     if isinstance(val, torch.Tensor):
-        return f"{_dtype_short(val.dtype)}[{', '.join(str(_dim(s)) for s in val.shape)}]"
+        return f"{dtype_short(val.dtype)}[{', '.join(str(_dim(s)) for s in val.shape)}]"
     if isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val):
         return "(" + ", ".join(_shape_text(v) or "-" for v in val) + ")"
     return ""
@@ -313,16 +329,192 @@ def render_dot(gm: GraphModule, classes: Sequence[SymmetryClass] | None = None) 
     Eligible sites are filled green, ineligible sites orange.
     """
     by_id = _class_map(classes)
+    return _digraph(gm, lambda node: _dot_label(node, by_id), lambda node: _dot_style(node, by_id))
+
+
+def _digraph(gm: GraphModule, label: Any, style: Any) -> str:
+    """The DOT source: one box per node with ``label(node)`` and ``style(node)``, one edge per use."""
     lines = ["digraph exprune {", "  rankdir=TB;",
              '  node [shape=box, fontname="monospace", fontsize=10];']
     for node in gm.graph.nodes:
-        lines.append(f'  "{_dot_escape(node.name)}" [label="{_dot_escape(_dot_label(node, by_id))}"'
-                     f"{_dot_style(node, by_id)}];")
+        lines.append(f'  "{_dot_escape(node.name)}" [label="{_dot_escape(label(node))}"'
+                     f"{style(node)}];")
     for node in gm.graph.nodes:
         for source in node.all_input_nodes:
             lines.append(f'  "{_dot_escape(source.name)}" -> "{_dot_escape(node.name)}";')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+# -- the rewritten stage -----------------------------------------------------------------------
+
+def is_early_exit(node: Node) -> bool:
+    """True for an early-exit op the rewrite inserted (a ``torch.ops.exprune.*`` call)."""
+    return node.op == "call_function" and _target_name(node).startswith(EARLY_EXIT_PREFIX)
+
+
+def early_exit_sites(gm: GraphModule, reports: Iterable[SiteReport]) -> dict[Node, SiteReport]:
+    """Each early-exit node of a rewritten graph, mapped to the report of its site.
+
+    An early-exit op's last positional argument is the ``get_attr`` of its site's counters
+    buffer, which :attr:`SiteReport.counters` names.
+    """
+    by_counters = {r.counters: r for r in reports if r.rewritten and r.counters}
+    found = {}
+    for node in gm.graph.nodes:
+        if is_early_exit(node) and node.args:
+            last = node.args[-1]
+            if isinstance(last, Node) and last.op == "get_attr" and last.target in by_counters:
+                found[node] = by_counters[last.target]
+    return found
+
+
+def _dense_sites(gm: GraphModule, reports: Iterable[SiteReport]) -> dict[Node, SiteReport]:
+    """The reduction node of each site the rewrite left dense (sites keep their node names)."""
+    nodes = {n.name: n for n in gm.graph.nodes if n.op == "call_function"}
+    return {nodes[r.name]: r for r in reports if not r.rewritten and r.name in nodes}
+
+
+def early_exit_text(report: SiteReport | None) -> str:
+    """``EARLY-EXIT site=linear_1 k=32 test=stats decision=relu``."""
+    if report is None:
+        return "EARLY-EXIT site=?"
+    return f"EARLY-EXIT site={report.name} k={report.k} test={report.test} decision={report.decision or '-'}"
+
+
+def dense_text(report: SiteReport) -> str:
+    """``DENSE site=linear: <why the rewrite left it dense>``."""
+    return f"DENSE site={report.name}: {report.reason or 'not rewritten'}"
+
+
+def site_report_json(report: SiteReport) -> dict[str, Any]:
+    """A :class:`SiteReport` as a JSON object (all its fields)."""
+    return dataclasses.asdict(report)
+
+
+def _json_float(value: Any) -> Any:
+    """Non-finite floats as strings ('inf'), which strict JSON parsers accept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_float(v) for k, v in value.items()}
+    return value
+
+
+class _Rewritten:
+    """What the rewritten-stage renderers need to know about each node of a compiled model."""
+
+    def __init__(self, compiled: "CompiledModel"):
+        self.compiled = compiled
+        self.gm: GraphModule = compiled.graph_module
+        self.early = early_exit_sites(self.gm, compiled.sites)
+        self.dense = _dense_sites(self.gm, compiled.sites)
+
+    def value(self, node: Node) -> Any:
+        """``meta['val']``, or the tensor itself for a ``get_attr`` the rewrite added."""
+        val = node.meta.get("val")
+        if val is None and node.op == "get_attr":
+            obj: Any = self.gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part, None)
+            val = obj if isinstance(obj, torch.Tensor) else None
+        return val
+
+    def mark(self, node: Node) -> str:
+        if node in self.early:
+            return early_exit_text(self.early[node])
+        if is_early_exit(node):
+            return early_exit_text(None)
+        if node in self.dense:
+            return dense_text(self.dense[node])
+        return ""
+
+    def line(self, node: Node) -> str:
+        line = f"%{node.name} = {_call_text(node)}"
+        for extra in (_shape_text(self.value(node)), self.mark(node)):
+            if extra:
+                line += f"  {extra}"
+        return line
+
+
+def render_rewritten_text(compiled: "CompiledModel") -> str:
+    """One line per node of the rewritten graph; the footer is ``compiled.report()``."""
+    view = _Rewritten(compiled)
+    rewritten = len(compiled.rewritten_sites)
+    lines = [view.line(node) for node in view.gm.graph.nodes]
+    lines += ["", f"sites ({len(compiled.sites)}, {rewritten} rewritten to early exit; "
+                  f"`exprune-fx stats` measures prune rates and FLOPs):",
+              *compiled.report().splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def render_rewritten_json(compiled: "CompiledModel") -> dict[str, Any]:
+    """The rewritten graph as a JSON-serialisable dict: ``stage``, ``nodes``, ``sites``, ``config``.
+
+    Early-exit nodes (``"early_exit": true``) and the reductions of sites left dense carry
+    their site's report as ``site``; ``sites`` lists the reports of all sites.
+    """
+    view = _Rewritten(compiled)
+    nodes = []
+    for node in view.gm.graph.nodes:
+        data = _node_json(node, None)
+        data["shape"] = _shape_of(view.value(node))
+        data["early_exit"] = is_early_exit(node)
+        report = view.early.get(node) or view.dense.get(node)
+        data["site"] = site_report_json(report) if report is not None else None
+        nodes.append(data)
+    config = getattr(compiled, "config", None)
+    return {
+        "stage": "rewritten",
+        "nodes": nodes,
+        "classes": [],
+        "sites": [site_report_json(r) for r in compiled.sites],
+        "config": _json_float(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else None,
+    }
+
+
+def render_rewritten_dot(compiled: "CompiledModel") -> str:
+    """A graphviz digraph of the rewritten graph: early-exit ops filled light blue, the
+    reductions of sites left dense orange."""
+    view = _Rewritten(compiled)
+
+    def label(node: Node) -> str:
+        if node.op == "call_function":
+            head = f"{node.name}\n{_target_name(node)}"
+        elif node.op == "get_attr":
+            head = f"{node.name}\nget_attr"
+        else:
+            head = node.name if node.name == node.op else f"{node.name}\n{node.op}"
+        detail = _shape_text(view.value(node))
+        report = view.early.get(node)
+        if is_early_exit(node):
+            detail += (f"\nearly exit: {report.name} k={report.k} {report.test}" if report is not None
+                       else "\nearly exit")
+        elif node in view.dense:
+            detail += f"\ndense site {view.dense[node].name}"
+        return f"{head}\n{detail.lstrip()}" if detail.strip() else head
+
+    def style(node: Node) -> str:
+        if is_early_exit(node):
+            return f', style="filled", fillcolor="{_EARLY_EXIT_COLOR}"'
+        if node in view.dense:
+            return f', style="filled", fillcolor="{_INELIGIBLE_COLOR}"'
+        if node.op == "placeholder":
+            return ', style="filled", fillcolor="gray92"'
+        return ""
+
+    return _digraph(view.gm, label, style)
+
+
+def render_compiled(compiled: "CompiledModel", fmt: str) -> str:
+    """Render the rewritten graph of ``compiled`` in ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "text":
+        return render_rewritten_text(compiled)
+    if fmt == "json":
+        return json.dumps(render_rewritten_json(compiled), indent=1) + "\n"
+    if fmt == "dot":
+        return render_rewritten_dot(compiled)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -143,7 +143,9 @@ def static_value(gm: GraphModule, value: Any) -> Any:
         for part in value.target.split("."):
             obj = getattr(obj, part)
         return obj.detach()
-    if value.op == "call_function" and value.target is not torch.ops.aten.sym_size.int:
+    schema = getattr(value.target, "_schema", None)
+    mutates = schema is not None and schema.is_mutable
+    if value.op == "call_function" and value.target is not torch.ops.aten.sym_size.int and not mutates:
         args = torch.fx.node.map_arg(value.args, lambda n: static_value(gm, n))
         kwargs = torch.fx.node.map_arg(value.kwargs, lambda n: static_value(gm, n))
         with torch.no_grad():

@@ -141,7 +141,7 @@ def find_decision(site: Node, dynamic: set[Node], output_modes: Mapping[int, str
                 nxt, decision = outputs[0], "argmax"
             else:
                 return None, tuple(chain), None, f"'{cur.name}' is a model output"
-        elif len(steps) == 1:
+        elif len(steps) == 1 and len(users) == 1:
             nxt, decision = steps[0], None
         elif not users:
             return None, tuple(chain), None, f"'{cur.name}' is unused"

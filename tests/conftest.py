@@ -14,3 +14,8 @@ settings.register_profile(
 )
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 warnings.filterwarnings("ignore", message=".*torch.export.*")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)  # one thread per worker: 2 workers on 2 cores, no oversubscription

@@ -11,12 +11,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from exprune_fx import analyze, dump
-from exprune_fx.cli import main
+from exprune_fx.cli import main, random_batch
 from exprune_fx.zoo import residual_cnn
 
 CNN = "exprune_fx.zoo:residual_cnn"
+MLP = "exprune_fx.zoo:mlp"
+EARLY_EXIT_LINEAR_1 = "EARLY-EXIT site=linear_1 k=32 test=stats decision=relu"
 FREE_LABEL = re.compile(r"\bf\d+:\d+\b")
 PINNED_LABEL = re.compile(r"\bp\d+:\d+\b")
 
@@ -41,6 +44,13 @@ MODELS_PY = textwrap.dedent("""
 
     def broken():
         raise RuntimeError("weights not found")
+
+    class TimesInput(torch.nn.Module):
+        def forward(self, x, w):
+            return torch.relu(x @ w)
+
+    def times_input():  # w's axis 0 is not a batch axis
+        return TimesInput().eval(), (torch.randn(2, 4), torch.randn(4, 3))
 
     NOT_CALLABLE = 3
 """)
@@ -168,6 +178,144 @@ def test_training_mode_model_with_eval_flag(capsys, models_py):
     assert status == 0 and err == ""
 
 
+# -- dump --stage rewritten -----------------------------------------------------------------
+
+def test_rewritten_text_dump_marks_early_exit_ops(capsys):
+    status, out, err = run_cli(capsys, "dump", MLP, "--stage", "rewritten")
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    early = [line for line in lines if "EARLY-EXIT" in line]
+    assert len(early) == 1 and early[0].endswith(EARLY_EXIT_LINEAR_1)
+    assert early[0].startswith("%relu_matmul_default = exprune.relu_matmul.default(%relu, ")
+    dense = next(line for line in lines if line.startswith("%linear = aten.linear.default("))
+    assert "DENSE site=linear: no free factor" in dense
+    assert "%_2_weight = get_attr[2.weight]  f32[256, 256]" in out
+    assert not any(line.startswith("%linear_1 = ") for line in lines)  # replaced by the op
+    # the footer is CompiledModel.report()
+    assert any(line.startswith("sites (3, 1 rewritten to early exit") for line in lines)
+    assert re.search(r"^linear_1 +linear +relu +256 +32 +\S+ +rewritten$", out, re.M)
+    assert re.search(r"^whole model: no calls counted yet", out, re.M)
+
+
+def test_rewritten_json_dump_lists_sites(capsys):
+    status, out, _ = run_cli(capsys, "dump", MLP, "--stage", "rewritten", "--format", "json")
+    assert status == 0
+    data = json.loads(out)
+    assert data["stage"] == "rewritten" and data["config"]["k"] == 32
+    sites = {s["name"]: s for s in data["sites"]}
+    assert list(sites) == ["linear", "linear_1", "linear_2"]
+    assert sites["linear_1"]["rewritten"] and sites["linear_1"]["counters"] == "exprune_1_linear_1_counters"
+    assert not sites["linear"]["rewritten"] and sites["linear"]["reason"]
+    early = [n for n in data["nodes"] if n["early_exit"]]
+    assert [(n["target"], n["site"]) for n in early] == [("exprune.relu_matmul.default", sites["linear_1"])]
+    assert early[0]["args"][-1] == "%exprune_1_linear_1_counters"
+    assert [n["site"]["name"] for n in data["nodes"] if n["site"] and not n["early_exit"]] == ["linear", "linear_2"]
+
+
+def test_rewritten_dot_fills_early_exit_ops_with_config_flags(capsys, models_py):
+    status, out, _ = run_cli(capsys, "dump", f"{models_py}:make", "--stage", "rewritten", "--format", "dot",
+                             "--k", "4", "--test", "threshold")
+    assert status == 0 and out.startswith("digraph")
+    assert re.search(r'"relu_matmul_default" \[label="[^"]*early exit: linear_1 k=4 threshold", '
+                     r'style="filled", fillcolor="lightblue"\]', out)
+    assert re.search(r'"linear_2" \[label="[^"]*dense site linear_2", style="filled", fillcolor="orange"\]', out)
+    assert '"exprune_1_linear_1_counters" -> "relu_matmul_default";' in out
+
+
+def test_rewritten_dump_notes_when_nothing_is_rewritten(capsys, models_py):
+    status, out, err = run_cli(capsys, "dump", f"{models_py}:make", "--stage", "rewritten")
+    assert status == 0 and "EARLY-EXIT" not in out and "n=8 <= k=32" in out
+    assert err.count("\n") == 1 and err.startswith("exprune-fx: note: no site was rewritten")
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+def test_stats_text_prints_prune_rates_and_flops(capsys):
+    status, out, err = run_cli(capsys, "stats", MLP)
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == ("inputs: 4 batches of seeded random inputs (seed 0) shaped like the example "
+                        "inputs: arg0 f32[2, 784] ~ N(0, 1)")
+    assert re.fullmatch(r"site +kind +decision +n +k +prune rate +status", lines[1])
+    assert re.search(r"^linear_1 +linear +relu +256 +32 +\d+\.\d% +rewritten$", out, re.M)
+    assert re.search(r"^linear +linear +relu +- +- +- +dense: ", out, re.M)
+    assert re.fullmatch(r"whole model over 4 call\(s\), 8 row\(s\): [\d.e+]+ dense FLOPs, [\d.e+]+ executed, "
+                        r"reduction -?\d+\.\d\d% \(.*\)",
+                        lines[-1])
+    assert "4.301e+06 dense FLOPs" in lines[-1]  # 4 batches x 2 rows x 2 x 268,800 MACs
+
+
+def test_stats_json_parses(capsys):
+    status, out, _ = run_cli(capsys, "stats", MLP, "--format", "json", "--batches", "2")
+    assert status == 0
+    data = json.loads(out)
+    assert set(data["sites"]) == {"linear_1"} and isinstance(data["reduction"], float)
+    site = data["sites"]["linear_1"]
+    assert site["calls"] == 2 and site["outputs"] == 2 * 2 * 256 and 0.0 <= site["prune_rate"] <= 1.0
+    assert data["calls"] == 2 and data["rows"] == 4 and data["dense_flops"] > 0
+    assert data["inputs"] == {"batches": 2, "batch_size": None, "seed": 0,
+                              "description": "arg0 f32[2, 784] ~ N(0, 1)"}
+
+
+def test_stats_batch_size_sets_the_rows(capsys):
+    status, out, _ = run_cli(capsys, "stats", MLP, "--format", "json", "--batches", "2", "--batch-size", "3")
+    data = json.loads(out)
+    assert status == 0 and data["rows"] == 6 and data["sites"]["linear_1"]["outputs"] == 6 * 256
+    assert data["inputs"]["description"] == "arg0 f32[3, 784] ~ N(0, 1)"
+
+
+def test_stats_is_deterministic_and_seeded(capsys, models_py):
+    argv = ["stats", f"{models_py}:make", "--k", "4", "--format", "json", "--batches", "2"]
+    first, second = (json.loads(run_cli(capsys, *argv)[1]) for _ in range(2))
+    assert first == second and first["inputs"]["seed"] == 0
+    assert json.loads(run_cli(capsys, *argv, "--seed", "7")[1])["inputs"]["seed"] == 7
+
+
+@pytest.mark.parametrize("threshold, rate", [("inf", 1.0), ("-inf", 0.0)])
+def test_stats_threshold_flag_reaches_the_config(capsys, models_py, threshold, rate):
+    # "--threshold -inf" as two words: argparse alone would take -inf for an option
+    status, out, _ = run_cli(capsys, "stats", f"{models_py}:make", "--k", "4", "--test", "threshold",
+                             "--threshold", threshold, "--format", "json", "--batches", "1")
+    data = json.loads(out)
+    assert status == 0 and data["sites"]["linear_1"]["test"] == "threshold"
+    assert data["sites"]["linear_1"]["prune_rate"] == rate
+
+
+def test_stats_argmax_output_and_output_file(capsys, models_py, tmp_path):
+    target = tmp_path / "stats.json"
+    status, out, _ = run_cli(capsys, "stats", f"{models_py}:make", "--k", "4", "--outputs", "output=argmax",
+                             "--batches", "1", "-o", str(target))
+    assert status == 0 and out == f"wrote {target}\n"
+    data = json.loads(target.read_text())
+    assert data["sites"]["linear_2"]["decision"] == "argmax"
+
+
+def test_stats_on_hf_opt_with_keyword_token_inputs(capsys):
+    pytest.importorskip("transformers")
+    status, out, err = run_cli(capsys, "stats", "exprune_fx.zoo:hf_opt", "--k", "16", "--batches", "2",
+                               "--batch-size", "3")
+    assert status == 0 and err == ""
+    assert re.match(r"inputs: 2 batches .*: input_ids i64\[3, 8\] uniform in \[0, \d+\), use_cache=False$",
+                    out.splitlines()[0])
+    assert re.search(r"^linear_4 +linear +relu +32 +16 +\d+\.\d% +rewritten$", out, re.M)  # fc1 of layer 0
+    assert "whole model over 2 call(s)" in out
+
+
+def test_random_batch_follows_the_example():
+    example = ((torch.randn(2, 3), torch.tensor([[5, 0], [2, 9]])),
+               {"mask": torch.tensor([[True], [False]]), "flag": False, "half": torch.zeros(2, dtype=torch.float16)})
+    (x, ids), kwargs = random_batch(example, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3) and x.dtype == torch.float32 and not torch.equal(x, example[0][0])
+    assert ids.dtype == torch.int64 and ids.shape == (2, 2) and 0 <= int(ids.min()) and int(ids.max()) <= 9
+    assert torch.equal(kwargs["mask"], example[1]["mask"]) and kwargs["flag"] is False
+    assert kwargs["half"].dtype == torch.float16
+    (x5, ids5), kwargs5 = random_batch(example, torch.Generator().manual_seed(0), batch_size=5)
+    assert x5.shape == (5, 3) and ids5.shape == (5, 2) and kwargs5["half"].shape == (5,)
+    assert kwargs5["mask"].flatten().tolist() == [True, False, True, False, True]
+    again = random_batch(example, torch.Generator().manual_seed(0), batch_size=5)
+    assert torch.equal(again[0][0], x5) and torch.equal(again[0][1], ids5)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 BAD_INPUTS = [
@@ -188,6 +336,18 @@ BAD_INPUTS = [
     (["dump", "{models}:make", "--outputs", "nope"], 1, "unknown output(s)"),
     (["dump", "{models}:make", "--format", "xml"], 2, "invalid choice: 'xml'"),
     (["dump", "{models}:make", "--stage", "lifted", "--outputs", "output"], 2, "--outputs only applies"),
+    (["dump", "{models}:make", "--k", "8"], 2, "--k only applies to --stage rewritten"),
+    (["dump", "{models}:make", "--stage", "rewritten", "--k", "1"], 2, "--k must be an integer >= 2"),
+    (["dump", "{models}:training", "--input-shape", "2,4", "--stage", "rewritten"], 1, "pass --eval"),
+    (["stats", "{models}:make", "--alpha", "0.9"], 2, "invalid compile setting: --alpha must be a float in [0, 0.5]"),
+    (["stats", "{models}:make", "--test", "zscore"], 2, "invalid choice: 'zscore'"),
+    (["stats", "{models}:make", "--threshold", "nan"], 2, "--threshold must be a float"),
+    (["stats", "{models}:make", "--batches", "0"], 2, "--batches: expected a positive integer"),
+    (["stats", "{models}:make", "--batch-size", "x"], 2, "--batch-size: expected a positive integer"),
+    (["stats", "{models}:make", "--format", "dot"], 2, "invalid choice: 'dot'"),
+    (["stats", "{models}:bare"], 2, "pass one --input-shape"),
+    (["stats", "{models}:broken"], 1, "RuntimeError: weights not found"),
+    (["stats", "{models}:make", "--outputs", "nope"], 1, "unknown output(s)"),
     (["dump"], 2, "required: MODEL"),
     (["explode"], 2, "invalid choice: 'explode'"),
     ([], 2, "required: COMMAND"),
@@ -203,6 +363,14 @@ def test_bad_input_is_one_line_error(capsys, models_py, argv, status, message):
     assert out == ""
     assert err.startswith("exprune-fx: error: ") and err.endswith("\n") and err.count("\n") == 1
     assert message in err
+    assert "Traceback" not in err
+
+
+def test_stats_batch_that_does_not_fit_is_one_line_error(capsys, models_py):
+    code, out, err = run_cli(capsys, "stats", f"{models_py}:times_input", "--batch-size", "5")
+    note, error = err.splitlines()  # nothing to rewrite in x @ w: a note, then the error
+    assert code == 1 and out == "" and note.startswith("exprune-fx: note: no site was rewritten")
+    assert error.startswith("exprune-fx: error: running random batch 1 of 4 through the compiled model: ")
     assert "Traceback" not in err
 
 
@@ -230,7 +398,9 @@ def test_demo_writes_its_files(capsys, tmp_path):
 
 def test_help_in_process(capsys):
     status, out, _ = run_cli(capsys, "dump", "--help")
-    assert status == 0 and "--input-shape" in out and "--stage" in out
+    assert status == 0 and "--input-shape" in out and "--stage" in out and "rewritten" in out
+    status, out, _ = run_cli(capsys, "stats", "--help")
+    assert status == 0 and all(flag in out for flag in ("--batches", "--batch-size", "--k", "--alpha"))
 
 
 def test_python_m_help():
@@ -238,4 +408,4 @@ def test_python_m_help():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: exprune-fx")
-    assert "dump" in result.stdout and "demo" in result.stdout
+    assert "dump" in result.stdout and "stats" in result.stdout and "demo" in result.stdout

@@ -130,7 +130,8 @@ def test_no_eligible_site_warns_and_behaves_like_the_model():
 
 def test_sites_left_dense_are_reported():
     model, x = mlp(widths=(8, 16, 64, 64, 3))
-    compiled = exprune_fx.compile(model, x, Config(k=32, sites={"linear_2": {"enabled": False}}))
+    with pytest.warns(ExPruneWarning, match="no site was rewritten"):
+        compiled = exprune_fx.compile(model, x, Config(k=32, sites={"linear_2": {"enabled": False}}))
     by_name = {s.name: s for s in compiled.sites}
     assert "n=16 <= k=32" in by_name["linear_1"].reason
     assert by_name["linear_2"].reason == "disabled in the config"
