@@ -45,7 +45,7 @@ from .rules import RuleContext
 from .sites import Site
 
 aten = torch.ops.aten
-_LINEAR_KINDS = ("linear", "addmm", "mm", "matmul")
+_LINEAR_KINDS = ("linear", "addmm", "mm", "matmul", "bmm")
 _CONV_KINDS = ("conv2d", "conv")
 
 
@@ -312,14 +312,14 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     elif site.kind == "addmm":
         bias, x = args[0], args[1]
         weight = static_value(gm, args[2]).T
-    else:  # mm / matmul with a compile-time right operand
+    elif _is_static(gm, args[1]):  # mm / matmul / bmm with a compile-time right operand
         x, bias = args[0], None
-        if not _is_static(gm, args[1]):
-            raise NotRewritable("contraction of two run-time values: not rewritten yet")
         weight = static_value(gm, args[1])
         if weight.dim() != 2:
             raise NotRewritable("batched matmul with a compile-time operand: not rewritten yet")
         weight = weight.T
+    else:  # a product of two run-time values: the kernel takes the right operand transposed
+        return _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test)
     features, big_k = weight.shape
     if bias is not None:
         aff.add(bias)  # y = x W^T + b: the bias is the first step of the epilogue
@@ -342,6 +342,26 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     else:
         target, critical = torch.ops.exprune.argmax_matmul.default, cfg.dominance_critical(features)
     return builder.call(target, x, w_node, scale, offset, before * after, cfg.k, test, critical, counters)
+
+
+def _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test) -> Node:
+    x, right = chain[0].args[0], chain[0].args[1]
+    shape_x, shape_r = RuleContext.shape(x), RuleContext.shape(right)
+    if len(shape_x) < 2 or len(shape_r) < 2:
+        raise NotRewritable("matrix-vector products are not rewritten")
+    features = shape_r[-1]
+    if site.decision != "relu":
+        raise NotRewritable("argmax over a product of two run-time values: not rewritten yet")
+    before, n, after = _largest_free(list(site.contraction))
+    if before > 1:
+        raise NotRewritable("the free factor of a run-time contraction is not the outermost one")
+    _fold_epilogue(aff, chain, value)
+    scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
+    offset = _offset(builder, aff)
+    counters = builder.buffer("counters", new_counters(_device(builder.gm)))
+    weight = builder.call(aten.transpose.int, right, -1, -2)
+    return builder.call(torch.ops.exprune.relu_matmul.default, x, weight, scale, offset, after, cfg.k, test,
+                        cfg.critical, counters)
 
 
 def _offset(builder: _Builder, aff: _Affine) -> Node | None:

@@ -251,3 +251,27 @@ def test_epilogue_folding_matches_dense():
     kept = out != 0
     assert 0 < kept.float().mean() < 1
     torch.testing.assert_close(out[kept], dense[kept], rtol=1e-5, atol=1e-5)
+
+
+def test_product_of_two_run_time_values():
+    """A bmm/matmul of two activations whose contraction is free is rewritten too."""
+    class Gram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(4, 48), nn.Linear(4, 48), nn.Linear(5, 2)
+
+        def forward(self, x):  # contraction over the free hidden width of a and b
+            scores = torch.bmm(torch.relu(self.a(x)), torch.relu(self.b(x)).transpose(1, 2))
+            return self.head(torch.relu(scores - 0.5))
+
+    x = torch.randn(3, 5, 4)
+    model = Gram().eval()
+    never = exprune_fx.compile(model, x, Config(alpha=0.0, k=8))
+    assert [s.kind for s in never.rewritten_sites] == ["bmm"]
+    torch.testing.assert_close(run(never, x), run(model, x), rtol=1e-5, atol=1e-5)
+    some = exprune_fx.compile(model, x, Config(alpha=0.4, k=8))
+    ((_, out),) = op_outputs(some, x)
+    ((_, dense),) = op_outputs(never, x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], dense[kept], rtol=1e-5, atol=1e-5)
+    assert some.exprune_stats()["sites"]["bmm"]["outputs"] == 3 * 5 * 5

@@ -193,3 +193,17 @@ def test_ops_are_registered_with_fake_kernels():
         out = torch.ops.exprune.relu_conv2d(fx, torch.empty(6, 3, 3, 3), torch.empty(6), None, [2, 2], [1, 1],
                                             [1, 1], 1, 1, 2, 0, NEVER, torch.empty(8, dtype=torch.float64))
         assert out.shape == (4, 6, 5, 5)
+
+
+@pytest.mark.parametrize("unit", [1, 3])
+def test_batched_relu_matmul(unit):
+    torch.manual_seed(unit)
+    x, w = torch.randn(2, 4, 10 * unit), torch.randn(2, 6, 10 * unit)  # w: a run-time [B, N, K]
+    scale, offset = torch.rand(6) + 0.5, torch.randn(2, 4, 6)
+    dense = scale * (x @ w.transpose(1, 2)) + offset
+    z, _ = relu_matmul(x, w, scale, offset, unit, 4, kernels.STATS, NEVER)
+    torch.testing.assert_close(z, dense, rtol=1e-5, atol=1e-5)
+    z, counts = relu_matmul(x, w, scale, offset, unit, 4, kernels.STATS, -0.3)
+    kept = z != 0
+    torch.testing.assert_close(z[kept], dense[kept], rtol=1e-5, atol=1e-5)
+    assert counts["outputs"] == 48 and counts["partial"] == 48 * 4 * unit

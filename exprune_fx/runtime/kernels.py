@@ -74,7 +74,10 @@ def _term_sums(xk: torch.Tensor, wk: torch.Tensor, k: int, unit: int):
 
 
 def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats):
-    """Early negative prediction for ``x @ weight.T`` (x [..., K], weight [N, K])."""
+    """Early negative prediction for ``x @ weight.T`` (x [..., K], weight [N, K]), or for a
+    batched product ``x @ weight.transpose(-1, -2)`` (weight [..., N, K], a run-time value)."""
+    if weight.dim() > 2:
+        return _relu_batched(x, weight, scale, offset, unit, k, test, critical, stats)
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, big_k)
     m, n, ku = x2.shape[0], big_k // unit, k * unit
@@ -97,6 +100,26 @@ def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical
         rest_macs = m * cols.numel() * (big_k - ku)
     _count_relu(stats, m * n_out, pruned, big_k, ku, k, test, rest_macs)
     return out.reshape(lead + (n_out,))
+
+
+def _relu_batched(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats):
+    """Batched products (both operands run-time values): every output's remainder is
+    computed by one batched matmul and masked, since no dense kernel skips columns per batch."""
+    big_k = x.shape[-1]
+    n, ku = big_k // unit, k * unit
+    xk, wk = x[..., :ku], weight[..., :ku]
+    if unit == 1:
+        s1, s2 = xk @ wk.transpose(-1, -2), (xk * xk) @ (wk * wk).transpose(-1, -2)
+    else:
+        t = torch.einsum("...mku,...nku->...kmn", xk.unflatten(-1, (k, unit)), wk.unflatten(-1, (k, unit)))
+        s1, s2 = t.sum(-3), (t * t).sum(-3)
+    a = scale.to(x.dtype)
+    c = torch.zeros((), dtype=x.dtype, device=x.device) if offset is None else offset.to(x.dtype).expand_as(s1)
+    pruned = _decide_negative(a * s1 / k + c / n, s1, s2, a, k, n, test, critical)
+    z = a * (s1 + x[..., ku:] @ weight[..., ku:].transpose(-1, -2)) + c
+    outputs = s1.numel()
+    _count_relu(stats, outputs, pruned, big_k, ku, k, test, outputs * (big_k - ku))
+    return torch.where(pruned, torch.zeros((), dtype=z.dtype, device=z.device), z)
 
 
 def _count_relu(stats, outputs: int, pruned, big_k: int, ku: int, k: int, test: int, rest_macs: int):
