@@ -46,10 +46,27 @@ def train_cnn(out: Path, epochs: int = 1, seed: int = 0) -> ResidualCNN:
             opt.zero_grad()
             loss.backward()
             opt.step()
+    recalibrate_batch_norm(model, x[:10000])
     print(f"trained the CNN for {epochs} epoch(s) in {time.time() - t0:.0f} s")
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model.eval()
+
+
+def recalibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> None:
+    """Replace the running statistics by exact averages over ``x`` with the final weights
+    (after one epoch at a high learning rate, the exponential averages lag behind)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            model(x[i:i + batch])
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
