@@ -114,7 +114,7 @@ class _Builder:
         name = f"{self.prefix}_{suffix}"
         if hasattr(self.gm, name):
             name = f"{name}_{len(self.buffers)}"
-        self.gm.register_buffer(name, value.detach().contiguous())
+        self.gm.register_buffer(name, value.detach().to(_device(self.gm)).contiguous())
         self.buffers.append(name)
         with self.gm.graph.inserting_before(self.before):
             node = self.gm.graph.get_attr(name)
