@@ -9,6 +9,7 @@
 """
 
 from .analysis import Analysis, analyze
+from .backend import ExPruneBackend, backend, reset_stats, stats
 from .compiler import CompiledModel, ExPruneWarning, compile
 from .config import Config, SiteConfig
 from .errors import ExportError, ExPruneError, InputError, TrainingModeError
@@ -18,7 +19,7 @@ from .passes.sites import Site
 from .symmetry import SymmetryFailure, check_symmetry
 
 __all__ = [
-    "Analysis", "CompiledModel", "Config", "ExPruneWarning", "SiteConfig", "compile", "ExPruneError", "ExportError", "InputError", "Lifted", "Member", "Pin", "Site",
+    "Analysis", "CompiledModel", "ExPruneBackend", "backend", "reset_stats", "stats", "Config", "ExPruneWarning", "SiteConfig", "compile", "ExPruneError", "ExportError", "InputError", "Lifted", "Member", "Pin", "Site",
     "SymmetryClass", "SymmetryFailure", "TrainingModeError", "analyze", "check_symmetry", "lift",
 ]
 __version__ = "0.1.0"

@@ -149,6 +149,13 @@ def dense_flops(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
 def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None = None,
             outputs: OutputSpec = None) -> CompiledModel:
     """Compile ``model`` with ExPrune. See the module docstring and docs/usage.md."""
+    return compile_graph(model, example_inputs, config, outputs, check_guards=True)
+
+
+def compile_graph(model: torch.nn.Module, example_inputs: Any, config: Config | None, outputs: OutputSpec,
+                  check_guards: bool) -> CompiledModel:
+    """:func:`compile`; ``check_guards=False`` leaves input checks to the caller (the
+    torch.compile backend, whose dynamo guards already check every call)."""
     config = Config() if config is None else config
     if not isinstance(config, Config):
         raise InputError(f"config must be an exprune_fx.Config, got {type(config).__name__}")
@@ -158,7 +165,7 @@ def compile(model: torch.nn.Module, example_inputs: Any, config: Config | None =
     if unknown:
         raise InputError(f"Config.sites names unknown sites {unknown}; the sites are "
                          f"{[s.name for s in analysis.sites]}")
-    graph_module = lifted.exported.module()
+    graph_module = lifted.exported.module(check_guards=check_guards)
     reports = rewrite_sites(graph_module, analysis, config)
     args, kwargs = normalize_inputs(example_inputs)
     compiled = CompiledModel(graph_module, reports, analysis, config, 0.0)

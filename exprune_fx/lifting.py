@@ -203,15 +203,22 @@ def lift(model: torch.nn.Module, example_inputs: Any, dynamic_batch: bool = Fals
 
 
 def _shapes_by_name(model: torch.nn.Module, shapes: tuple) -> Any:
-    """torch.export wants dynamic_shapes keyed like forward's parameters when kwargs are used."""
-    positional, named = shapes
-    if not named:
-        return positional
+    """``dynamic_shapes`` keyed by forward's parameter names (a ``*args`` parameter takes the
+    remaining positional specs as one tuple), as torch.export expects."""
     import inspect
 
-    params = list(inspect.signature(model.forward).parameters)
-    out = {params[i]: spec for i, spec in enumerate(positional)}
-    out.update(named)
+    positional, named = shapes
+    out: dict[str, Any] = {}
+    rest = list(positional)
+    for name, param in inspect.signature(model.forward).parameters.items():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name], rest = tuple(rest), []
+        elif param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and rest:
+            out[name] = rest.pop(0)
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: v for k, v in named.items() if k not in out}
+        elif name in named:
+            out[name] = named[name]
     return out
 
 
