@@ -14,12 +14,13 @@ from .compiler import CompiledModel, ExPruneWarning, compile
 from .config import Config, SiteConfig
 from .errors import ExportError, ExPruneError, InputError, TrainingModeError
 from .lifting import Lifted, lift
+from .persist import load, save
 from .passes.exchangeability import Member, Pin, SymmetryClass
 from .passes.sites import Site
 from .symmetry import SymmetryFailure, check_symmetry
 
 __all__ = [
-    "Analysis", "CompiledModel", "ExPruneBackend", "backend", "reset_stats", "stats", "Config", "ExPruneWarning", "SiteConfig", "compile", "ExPruneError", "ExportError", "InputError", "Lifted", "Member", "Pin", "Site",
+    "Analysis", "CompiledModel", "ExPruneBackend", "backend", "reset_stats", "stats", "Config", "ExPruneWarning", "SiteConfig", "compile", "load", "save", "ExPruneError", "ExportError", "InputError", "Lifted", "Member", "Pin", "Site",
     "SymmetryClass", "SymmetryFailure", "TrainingModeError", "analyze", "check_symmetry", "lift",
 ]
 __version__ = "0.1.0"

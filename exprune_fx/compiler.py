@@ -52,16 +52,21 @@ class CompiledModel(torch.nn.Module):
 
     ``exprune_stats()`` reports per-site prune rates and work, and whole-model FLOPs;
     ``reset_stats()`` clears the counters; ``sites`` lists what the rewrite did per site;
-    ``analysis`` is the exchangeability analysis it was built from.
+    ``analysis`` is the exchangeability analysis it was built from (None after
+    :func:`exprune_fx.load`); ``example_inputs`` the ``(args, kwargs)`` it was compiled on.
     """
 
-    def __init__(self, graph_module: torch.nn.Module, sites: list[SiteReport], analysis: Analysis,
-                 config: Config, other_flops_per_row: float):
+    def __init__(self, graph_module: torch.nn.Module, sites: list[SiteReport], analysis: Analysis | None,
+                 config: Config, other_flops_per_row: float, example_inputs: tuple[tuple, dict],
+                 dynamic_batch: bool, outputs: dict[str, str]):
         super().__init__()
         self.graph_module = graph_module
         self.sites = sites
         self.analysis = analysis
         self.config = config
+        self.example_inputs = example_inputs
+        self.dynamic_batch = dynamic_batch
+        self.outputs = outputs
         self._other_flops_per_row = other_flops_per_row
         self._calls = 0
         self._rows = 0
@@ -74,7 +79,7 @@ class CompiledModel(torch.nn.Module):
         except AssertionError as exc:
             if "Guard failed" not in str(exc):
                 raise
-            shapes = "a dynamic batch axis" if self.analysis.lifted.dynamic_batch else "the example's exact shapes"
+            shapes = "a dynamic batch axis" if self.dynamic_batch else "the example's exact shapes"
             raise InputError(
                 f"these inputs do not fit the compiled graph ({str(exc).strip()}); it was exported for "
                 f"{shapes}. Compile again with example inputs shaped like the ones you run.") from None
@@ -138,6 +143,15 @@ class CompiledModel(torch.nn.Module):
         return "\n".join(lines)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> dict[str, list]:
+    """Name -> [shape, dtype, sum of |values|] of every floating parameter and buffer."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            out[name] = [list(t.shape), str(t.dtype), float(t.detach().double().abs().sum())]
+    return out
+
+
 def dense_flops(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
     """FLOPs of one eager call, counted by torch.utils.flop_counter."""
     counter = FlopCounterMode(display=False)
@@ -168,12 +182,14 @@ def compile_graph(model: torch.nn.Module, example_inputs: Any, config: Config | 
     graph_module = lifted.exported.module(check_guards=check_guards)
     reports = rewrite_sites(graph_module, analysis, config)
     args, kwargs = normalize_inputs(example_inputs)
-    compiled = CompiledModel(graph_module, reports, analysis, config, 0.0)
+    compiled = CompiledModel(graph_module, reports, analysis, config, 0.0, (args, kwargs), lifted.dynamic_batch,
+                             analysis.outputs)
     total = dense_flops(model, args, kwargs)
     with torch.no_grad():
         compiled(*args, **kwargs)  # runs the rewritten graph once, and measures its sites' work
     site_dense = sum(2 * read(compiled._counters(r))["dense"] for r in compiled.rewritten_sites)
     compiled._other_flops_per_row = max(total - site_dense, 0.0) / _rows(args, kwargs)
+    compiled.source_fingerprint = weights_fingerprint(model)
     compiled.reset_stats()
     if not compiled.rewritten_sites:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in reports) or "the model has no reduction"

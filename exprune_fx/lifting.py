@@ -215,10 +215,13 @@ def _shapes_by_name(model: torch.nn.Module, shapes: tuple) -> Any:
             out[name], rest = tuple(rest), []
         elif param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and rest:
             out[name] = rest.pop(0)
-        elif param.kind is inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: v for k, v in named.items() if k not in out}
-        elif name in named:
+        elif name in named and param.kind is not inspect.Parameter.VAR_KEYWORD:
             out[name] = named[name]
+    var_keyword = [n for n, p in inspect.signature(model.forward).parameters.items()
+                   if p.kind is inspect.Parameter.VAR_KEYWORD]
+    extra = {k: v for k, v in named.items() if k not in out}
+    if extra and var_keyword:
+        out[var_keyword[0]] = extra
     return out
 
 

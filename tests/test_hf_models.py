@@ -84,3 +84,11 @@ def test_opt_compiles_matches_and_prunes():
     ffn = [s for s in stats["sites"].values() if s["decision"] == "relu"]
     assert all(s["prune_rate"] > 0 for s in ffn)
     assert stats["rows"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.ALL))
+def test_keyword_inputs_export_with_a_dynamic_batch(name):
+    from exprune_fx import lift
+
+    model, inputs = hf_models.ALL[name]()
+    assert lift(model, inputs, dynamic_batch=True).dynamic_batch

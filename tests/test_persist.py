@@ -1,0 +1,84 @@
+"""save/load round trips, format versions, and stale files."""
+
+import json
+import zipfile
+
+import pytest
+import torch
+
+import exprune_fx
+from exprune_fx import Config, InputError
+from exprune_fx.zoo import mlp, residual_cnn
+
+
+def call(model, inputs):
+    with torch.no_grad():
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+@pytest.mark.parametrize("name", ["residual_cnn", "hf_opt"])
+def test_round_trip_is_identical(tmp_path, name):
+    if name == "hf_opt":
+        pytest.importorskip("transformers")
+        from exprune_fx.zoo import hf_opt
+        model, inputs = hf_opt()
+        cfg, outputs = Config(alpha=0.2, k=8, sites={"linear_4": {"alpha": 0.4}}), {"logits": "argmax"}
+    else:
+        model, inputs = residual_cnn()
+        cfg, outputs = Config(alpha=0.2, k=8, sites={"conv2d_3": {"enabled": False}}), None
+    compiled = exprune_fx.compile(model, inputs, cfg, outputs=outputs)
+    path = tmp_path / "model.pt2"
+    exprune_fx.save(compiled, path)
+    loaded = exprune_fx.load(path, model=model)
+    before, after = call(compiled, inputs), call(loaded, inputs)
+    if hasattr(before, "logits"):
+        assert type(after) is type(before)
+        before, after = before.logits, after.logits
+    assert torch.equal(before, after)
+    assert loaded.config == compiled.config and loaded.sites == compiled.sites
+    assert loaded.exprune_stats()["sites"].keys() == compiled.exprune_stats()["sites"].keys()
+    assert loaded.exprune_stats()["calls"] == 1
+    bigger = ({k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+              if isinstance(inputs, dict) else torch.cat([inputs, inputs]))
+    call(loaded, bigger)  # the dynamic batch axis survives
+
+
+def test_stale_and_foreign_files_are_refused(tmp_path):
+    model, x = mlp(widths=(8, 64, 64, 3))
+    compiled = exprune_fx.compile(model, x, Config(k=16))
+    path = tmp_path / "m.pt2"
+    exprune_fx.save(compiled, path)
+    other, _ = mlp(widths=(8, 64, 32, 3))
+    with pytest.raises(InputError, match="compiled from a model whose 2.weight"):
+        exprune_fx.load(path, model=other)
+    retrained, _ = mlp(widths=(8, 64, 64, 3), seed=1)
+    with pytest.raises(InputError, match="other weights"):
+        exprune_fx.load(path, model=retrained)
+    with pytest.raises(InputError, match="does not exist"):
+        exprune_fx.load(tmp_path / "none.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"junk")
+    with pytest.raises(InputError, match="not a model saved by exprune_fx.save"):
+        exprune_fx.load(tmp_path / "junk.pt2")
+    plain = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(model, (x,)), plain)
+    with pytest.raises(InputError, match="no exprune-fx record"):
+        exprune_fx.load(plain)
+    with pytest.raises(InputError, match="save\\(\\) takes"):
+        exprune_fx.save(model, tmp_path / "x.pt2")
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    model, x = mlp(widths=(8, 64, 64, 3))
+    path = tmp_path / "m.pt2"
+    exprune_fx.save(exprune_fx.compile(model, x, Config(k=16)), path)
+    future = tmp_path / "future.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(future, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("exprune.json"):
+                meta = json.loads(data)
+                meta["version"] = 99
+                data = json.dumps(meta).encode()
+            dst.writestr(item, data)
+    with pytest.raises(InputError, match="version 99; this exprune-fx reads 'exprune-fx' version 1"):
+        exprune_fx.load(future)
