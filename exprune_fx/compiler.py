@@ -143,6 +143,27 @@ class CompiledModel(torch.nn.Module):
         return "\n".join(lines)
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def _check_environment(model: torch.nn.Module, example_inputs: Any) -> None:
+    """Refuse weights and inputs of dtypes and devices the runtime ops are not written for."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    tensors += [t for t in tree_leaves(normalize_inputs(example_inputs)) if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if t.device.type not in SUPPORTED_DEVICES:
+            raise InputError(f"tensors on {t.device.type!r} are not supported: exprune-fx runs on "
+                             f"{' and '.join(SUPPORTED_DEVICES)}; move the model and inputs there first.")
+    for p in model.parameters():
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise InputError(f"parameters of dtype {p.dtype} are not supported (supported: "
+                             f"{', '.join(str(d).replace('torch.', '') for d in SUPPORTED_DTYPES)}); "
+                             f"for a quantized model, compile the float model.")
+
+
 def weights_fingerprint(model: torch.nn.Module) -> dict[str, list]:
     """Name -> [shape, dtype, sum of |values|] of every floating parameter and buffer."""
     out = {}
@@ -173,6 +194,7 @@ def compile_graph(model: torch.nn.Module, example_inputs: Any, config: Config | 
     config = Config() if config is None else config
     if not isinstance(config, Config):
         raise InputError(f"config must be an exprune_fx.Config, got {type(config).__name__}")
+    _check_environment(model, example_inputs)
     lifted = lift(model, example_inputs, dynamic_batch=True)
     analysis = analyze(lifted, outputs=outputs)
     unknown = config.unknown_sites(s.name for s in analysis.sites)

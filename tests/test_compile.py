@@ -275,3 +275,40 @@ def test_product_of_two_run_time_values():
     kept = out != 0
     torch.testing.assert_close(out[kept], dense[kept], rtol=1e-5, atol=1e-5)
     assert some.exprune_stats()["sites"]["bmm"]["outputs"] == 3 * 5 * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_on_cpu(dtype):
+    model, x = mlp(widths=(16, 128, 128, 4))
+    model, x = model.to(dtype), x.to(dtype)
+    never = exprune_fx.compile(model, x, Config(alpha=0.0, k=8))
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-9}[dtype]
+    torch.testing.assert_close(run(never, x), run(model, x), rtol=tol, atol=tol)
+    some = exprune_fx.compile(model, x, Config(alpha=0.3, k=8))
+    assert run(some, x).dtype == dtype
+    assert some.exprune_stats()["sites"]["linear_1"]["pruned"] > 0
+
+
+def test_unsupported_dtypes_devices_and_inputs_are_refused():
+    model, x = mlp(widths=(16, 32, 32, 4))
+    with pytest.raises(InputError, match="dtype torch.int8 are not supported"):
+        exprune_fx.compile(_int_model(), x)
+    with pytest.raises(InputError, match="'meta' are not supported"):
+        exprune_fx.compile(model, x.to("meta"))
+    with pytest.raises(InputError, match="int64"):
+        exprune_fx.compile(model, x.long())
+    with pytest.raises(InputError, match="argument names"):
+        exprune_fx.compile(model, {"inputs": x})
+    with pytest.raises(exprune_fx.TrainingModeError):
+        exprune_fx.compile(model.train(), x)
+
+
+def _int_model():
+    class Ints(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, dtype=torch.int8), requires_grad=False)
+
+        def forward(self, x):
+            return x
+    return Ints().eval()

@@ -92,3 +92,31 @@ def test_keyword_inputs_export_with_a_dynamic_batch(name):
 
     model, inputs = hf_models.ALL[name]()
     assert lift(model, inputs, dynamic_batch=True).dynamic_batch
+
+
+OUTPUTS = {"opt": {"logits": "argmax"}, "gpt2": {"logits": "argmax"}}
+
+
+@pytest.mark.parametrize("door", ["compile", "torch.compile"])
+@pytest.mark.parametrize("name", sorted(hf_models.ALL))
+def test_both_doors_agree_with_the_model_when_nothing_is_pruned(name, door):
+    import torch
+
+    import exprune_fx
+    from exprune_fx import Config
+
+    model, inputs = hf_models.ALL[name]()
+    never = Config(alpha=0.0, k=8)
+    outputs = OUTPUTS.get(name)
+    if door == "compile":
+        fast = exprune_fx.compile(model, inputs, never, outputs=outputs)
+    else:
+        torch._dynamo.reset()
+        graph_outputs = {"0": "argmax"} if outputs else None
+        fast = torch.compile(model, backend=exprune_fx.backend(never, inner="eager", outputs=graph_outputs))
+    call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
+    with torch.no_grad():
+        ref, out = call(model), call(fast)
+    assert type(out) is type(ref)
+    for key in ref.keys():
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)

@@ -50,7 +50,9 @@ def _flatten_offset(offset: torch.Tensor | None, shape: tuple, rows: int, cols: 
 
 
 def _decide_negative(mean, s1, s2, scale, k: int, n: int, test: int, critical: float):
-    """True where the output is predicted negative (to be pruned)."""
+    """True where the output is predicted negative (to be pruned); the statistics are
+    computed in at least float32 (half-precision models)."""
+    mean, s1, s2, scale = (_wide(t) for t in (mean, s1, s2, scale))
     if test == THRESHOLD:
         return mean < critical
     var_xi = (s2 - s1 * s1 / k).clamp_min(0) / (k - 1)
@@ -58,10 +60,16 @@ def _decide_negative(mean, s1, s2, scale, k: int, n: int, test: int, critical: f
     return mean < critical * se
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32, so that squared sums neither overflow nor lose the test."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _term_sums(xk: torch.Tensor, wk: torch.Tensor, k: int, unit: int):
     """Sum and sum of squares of the k terms per output: xk [M, k*unit], wk [N, k*unit]."""
     if unit == 1:
-        return xk @ wk.T, (xk * xk) @ (wk * wk).T
+        xw, ww = _wide(xk), _wide(wk)
+        return xk @ wk.T, (xw * xw) @ (ww * ww).T
     m, n_out = xk.shape[0], wk.shape[0]
     w_terms = wk.reshape(n_out, k, unit).permute(1, 2, 0)  # [k, unit, N]
     s1 = xk.new_empty(m, n_out)
