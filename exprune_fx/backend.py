@@ -35,7 +35,7 @@ from torch.fx import GraphModule
 from .analysis import OutputSpec
 from .compiler import FLOPS_NOTE, CompiledModel, ExPruneWarning, compile_graph
 from .config import Config
-from .errors import InputError
+from .errors import InputError, TrainingModeError
 
 INNER = ("inductor", "eager")
 _REGISTRY: "weakref.WeakSet[ExPruneBackend]" = weakref.WeakSet()
@@ -99,6 +99,21 @@ class _DynamoGraphModel(torch.nn.Module):
         return self.gm(*args)
 
 
+def _refuse_training(gm: GraphModule) -> None:
+    """Dynamo traces modules in their current mode: batch norm or dropout in training mode
+    shows as a functional call with training=True."""
+    F = torch.nn.functional
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (F.batch_norm, F.dropout):
+            continue
+        position = 5 if node.target is F.batch_norm else 2
+        training = node.kwargs.get("training", node.args[position] if len(node.args) > position else False)
+        if training is True:
+            raise TrainingModeError(
+                f"the model is in training mode ({node.target.__name__} with training=True). ExPrune rewrites "
+                f"inference graphs: call model.eval() before torch.compile(model, backend='exprune').")
+
+
 def _concrete(value: Any) -> Any:
     """Dynamo passes symbolic sizes (automatic dynamic shapes) as SymInts: use their values."""
     if isinstance(value, torch.SymInt):
@@ -111,6 +126,7 @@ class _CompiledGraph:
     beyond what the export allows (for example a new value of a symbolic size)."""
 
     def __init__(self, owner: "ExPruneBackend", gm: GraphModule, example_inputs: Sequence[Any]):
+        _refuse_training(gm)
         example_inputs = [_concrete(x) for x in example_inputs]
         self.owner, self.model = owner, _DynamoGraphModel(gm, example_inputs)
         self.positions = self.model.user_positions()

@@ -111,3 +111,10 @@ def test_bad_settings():
         exprune_fx.backend(inner="aot")
     with pytest.raises(InputError, match="Config"):
         exprune_fx.backend(config={"k": 4})
+
+
+def test_training_mode_is_refused():
+    model = nn.Sequential(nn.Linear(4, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
+    fast = torch.compile(model.train(), backend=exprune_fx.backend(NEVER, inner="eager"))
+    with pytest.raises(Exception, match=r"training mode.*model\.eval\(\)"):
+        fast(torch.randn(3, 4))
