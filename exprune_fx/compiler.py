@@ -164,6 +164,18 @@ def _check_environment(model: torch.nn.Module, example_inputs: Any) -> None:
                              f"for a quantized model, compile the float model.")
 
 
+def _reason_summary(reports: list[SiteReport]) -> str:
+    """'linear_1: no decision; linear, linear_2: no free factor ...' grouped by reason."""
+    if not reports:
+        return "the model has no reduction"
+    groups: dict[str, list[str]] = {}
+    for r in reports:
+        key = str(r.reason).split(":")[0].split(" (")[0]
+        groups.setdefault(key, []).append(r.name)
+    return "; ".join(f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}: {key}"
+                     for key, names in groups.items())
+
+
 def weights_fingerprint(model: torch.nn.Module) -> dict[str, list]:
     """Name -> [shape, dtype, sum of |values|] of every floating parameter and buffer."""
     out = {}
@@ -214,7 +226,6 @@ def compile_graph(model: torch.nn.Module, example_inputs: Any, config: Config | 
     compiled.source_fingerprint = weights_fingerprint(model)
     compiled.reset_stats()
     if not compiled.rewritten_sites:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in reports) or "the model has no reduction"
-        warnings.warn(f"exprune: no site was rewritten, the compiled model runs dense ({reasons})",
-                      ExPruneWarning, stacklevel=2)
+        warnings.warn(f"exprune: no site was rewritten, the compiled model runs dense ({_reason_summary(reports)}); "
+                      f"compiled.report() gives every site's reason", ExPruneWarning, stacklevel=3)
     return compiled

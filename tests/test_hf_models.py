@@ -109,7 +109,12 @@ def test_both_doors_agree_with_the_model_when_nothing_is_pruned(name, door):
     never = Config(alpha=0.0, k=8)
     outputs = OUTPUTS.get(name)
     if door == "compile":
-        fast = exprune_fx.compile(model, inputs, never, outputs=outputs)
+        import contextlib
+
+        nothing = name in ("bert", "vit")  # GELU models: nothing to rewrite, and compile says so
+        with pytest.warns(exprune_fx.ExPruneWarning, match="no site was rewritten") if nothing else \
+                contextlib.nullcontext():
+            fast = exprune_fx.compile(model, inputs, never, outputs=outputs)
     else:
         torch._dynamo.reset()
         graph_outputs = {"0": "argmax"} if outputs else None
