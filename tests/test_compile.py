@@ -222,6 +222,19 @@ def test_runs_on_cuda():
     assert pruning.exprune_stats()["reduction"] != 0
 
 
+def check_early_exit(model, x, alpha, k=8):
+    """Compile twice (nothing pruned / alpha): the first equals the model, and the outputs
+    the second keeps equal the first's. Returns both and the kept mask."""
+    never = exprune_fx.compile(model, x, Config(alpha=0.0, k=k))
+    torch.testing.assert_close(run(never, x), run(model, x), rtol=1e-5, atol=1e-5)
+    some = exprune_fx.compile(model, x, Config(alpha=alpha, k=k))
+    ((_, out),) = op_outputs(some, x)
+    ((_, dense),) = op_outputs(never, x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], dense[kept], rtol=1e-5, atol=1e-5)
+    return never, some, kept
+
+
 def test_epilogue_folding_matches_dense():
     """Bias, batch norm with negative scales, residual, doubling and constant scales folded."""
     class Chain(nn.Module):
@@ -241,16 +254,9 @@ def test_epilogue_folding_matches_dense():
             y = self.bn(self.b(h))
             return self.head(torch.relu((y + y + h) * self.gain / 3.0 - 0.1))
 
-    model, x = Chain().eval(), torch.randn(64, 6)
-    never = exprune_fx.compile(model, x, Config(alpha=0.0, k=8))
+    never, some, kept = check_early_exit(Chain().eval(), torch.randn(64, 6), alpha=0.3)
     assert [s.name for s in never.rewritten_sites] == ["linear_1"]
-    torch.testing.assert_close(run(never, x), run(model, x), rtol=1e-5, atol=1e-5)
-    some = exprune_fx.compile(model, x, Config(alpha=0.3, k=8))
-    ((_, out),) = op_outputs(some, x)
-    ((_, dense),) = op_outputs(never, x)
-    kept = out != 0
     assert 0 < kept.float().mean() < 1
-    torch.testing.assert_close(out[kept], dense[kept], rtol=1e-5, atol=1e-5)
 
 
 def test_product_of_two_run_time_values():
@@ -264,16 +270,8 @@ def test_product_of_two_run_time_values():
             scores = torch.bmm(torch.relu(self.a(x)), torch.relu(self.b(x)).transpose(1, 2))
             return self.head(torch.relu(scores - 0.5))
 
-    x = torch.randn(3, 5, 4)
-    model = Gram().eval()
-    never = exprune_fx.compile(model, x, Config(alpha=0.0, k=8))
+    never, some, _ = check_early_exit(Gram().eval(), torch.randn(3, 5, 4), alpha=0.4)
     assert [s.kind for s in never.rewritten_sites] == ["bmm"]
-    torch.testing.assert_close(run(never, x), run(model, x), rtol=1e-5, atol=1e-5)
-    some = exprune_fx.compile(model, x, Config(alpha=0.4, k=8))
-    ((_, out),) = op_outputs(some, x)
-    ((_, dense),) = op_outputs(never, x)
-    kept = out != 0
-    torch.testing.assert_close(out[kept], dense[kept], rtol=1e-5, atol=1e-5)
     assert some.exprune_stats()["sites"]["bmm"]["outputs"] == 3 * 5 * 5
 
 
