@@ -91,6 +91,21 @@ class CompiledModel(torch.nn.Module):
     def _counters(self, report: SiteReport) -> torch.Tensor:
         return getattr(self.graph_module, report.counters)
 
+    def retune(self, site: str, **settings) -> None:
+        """Change a rewritten site's ``alpha`` / ``threshold`` / ``test`` in place (no recompile):
+        its critical value is a buffer of the graph. ``k`` and ``enabled`` need a recompile."""
+        report = next((r for r in self.rewritten_sites if r.name == site), None)
+        if report is None:
+            raise InputError(f"{site!r} is not a rewritten site; rewritten: {[r.name for r in self.rewritten_sites]}")
+        bad = set(settings) - {"alpha", "threshold"}
+        if bad:
+            raise InputError(f"retune() changes alpha and threshold only (got {sorted(bad)}); recompile for k or enabled")
+        config = self.config.with_site(site, **settings)  # validates the values
+        resolved = config.for_site(site)
+        value = resolved.critical if report.decision == "relu" else resolved.dominance_critical(report.classes)
+        getattr(self.graph_module, report.critical).fill_(value)
+        self.config = config
+
     def reset_stats(self) -> None:
         """Zero every site's counters and the call count."""
         for report in self.rewritten_sites:

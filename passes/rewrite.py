@@ -62,6 +62,8 @@ class SiteReport:
     rewritten: bool
     reason: str | None = None
     counters: str | None = None  # buffer name of the site's counters on the graph module
+    critical: str | None = None  # buffer name of the site's critical value (0-d tensor)
+    classes: int | None = None  # output features of an argmax site (for its Bonferroni z)
 
 
 class NotRewritable(Exception):
@@ -78,8 +80,9 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
         reason = _precheck(site, cfg)
         if reason is None:
             try:
-                counters = _rewrite_one(gm, site, lifted_nodes, cfg, index)
-                reports.append(SiteReport(**base, rewritten=True, counters=counters))
+                prefix, classes = _rewrite_one(gm, site, lifted_nodes, cfg, index)
+                reports.append(SiteReport(**base, rewritten=True, counters=f"{prefix}_counters",
+                                          critical=f"{prefix}_critical", classes=classes))
                 continue
             except NotRewritable as exc:
                 reason = str(exc)
@@ -276,7 +279,8 @@ def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteCon
     for old in reversed(chain[: chain.index(value) + 1]):
         if not old.users:
             gm.graph.erase_node(old)
-    return builder.prefix + "_counters"
+    classes = RuleContext.shape(value)[-1] if site.decision == "argmax" else None
+    return builder.prefix, classes
 
 
 def _fold_epilogue(aff: _Affine, chain: list[Node], value: Node) -> None:
@@ -341,7 +345,8 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
         target, critical = torch.ops.exprune.relu_matmul.default, cfg.critical
     else:
         target, critical = torch.ops.exprune.argmax_matmul.default, cfg.dominance_critical(features)
-    return builder.call(target, x, w_node, scale, offset, before * after, cfg.k, test, critical, counters)
+    return builder.call(target, x, w_node, scale, offset, before * after, cfg.k, test,
+                        _critical(builder, critical), counters)
 
 
 def _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test) -> Node:
@@ -361,7 +366,12 @@ def _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test) -> Node:
     counters = builder.buffer("counters", new_counters(_device(builder.gm)))
     weight = builder.call(aten.transpose.int, right, -1, -2)
     return builder.call(torch.ops.exprune.relu_matmul.default, x, weight, scale, offset, after, cfg.k, test,
-                        cfg.critical, counters)
+                        _critical(builder, cfg.critical), counters)
+
+
+def _critical(builder: _Builder, value: float) -> Node:
+    """The site's critical value as a 0-d buffer, so that it can be retuned in place."""
+    return builder.buffer("critical", torch.tensor(value, dtype=torch.float64))
 
 
 def _offset(builder: _Builder, aff: _Affine) -> Node | None:
@@ -400,7 +410,8 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
     return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, pair(stride),
-                        pair(padding), pair(dilation), groups, unit, cfg.k, test, cfg.critical, counters)
+                        pair(padding), pair(dilation), groups, unit, cfg.k, test,
+                        _critical(builder, cfg.critical), counters)
 
 
 def _site_factors(lifted_node: Node) -> tuple:

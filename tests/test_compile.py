@@ -310,3 +310,26 @@ def _int_model():
         def forward(self, x):
             return x
     return Ints().eval()
+
+
+def test_retune_changes_alpha_without_recompiling(tmp_path):
+    model, x = mlp(widths=(32, 256, 256, 10), batch=64)
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.0, k=16))
+    run(compiled, x)
+    assert compiled.exprune_stats()["sites"]["linear_1"]["pruned"] == 0
+    compiled.retune("linear_1", alpha=0.3)
+    compiled.reset_stats()
+    run(compiled, x)
+    assert compiled.exprune_stats()["sites"]["linear_1"]["pruned"] > 0
+    assert compiled.config.for_site("linear_1").alpha == 0.3
+    path = tmp_path / "m.pt2"
+    exprune_fx.save(compiled, path)
+    loaded = exprune_fx.load(path)
+    torch.testing.assert_close(run(loaded, x), run(compiled, x))
+    assert loaded.config.for_site("linear_1").alpha == 0.3
+    with pytest.raises(InputError, match="alpha must be"):
+        compiled.retune("linear_1", alpha=0.9)
+    with pytest.raises(InputError, match="recompile"):
+        compiled.retune("linear_1", k=8)
+    with pytest.raises(InputError, match="not a rewritten site"):
+        compiled.retune("linear", alpha=0.1)

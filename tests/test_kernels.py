@@ -185,13 +185,14 @@ def test_dominance_with_unit_terms():
 
 def test_ops_are_registered_with_fake_kernels():
     x = torch.randn(2, 3, 64)
-    out = torch.ops.exprune.relu_matmul(x, torch.randn(8, 64), torch.ones(8), None, 1, 16, 0, NEVER, new_counters())
+    never = torch.tensor(NEVER)
+    out = torch.ops.exprune.relu_matmul(x, torch.randn(8, 64), torch.ones(8), None, 1, 16, 0, never, new_counters())
     assert out.shape == (2, 3, 8)
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         fx = torch.empty(4, 3, 10, 10)
         out = torch.ops.exprune.relu_conv2d(fx, torch.empty(6, 3, 3, 3), torch.empty(6), None, [2, 2], [1, 1],
-                                            [1, 1], 1, 1, 2, 0, NEVER, torch.empty(8, dtype=torch.float64))
+                                            [1, 1], 1, 1, 2, 0, torch.empty(()), torch.empty(8, dtype=torch.float64))
         assert out.shape == (4, 6, 5, 5)
 
 

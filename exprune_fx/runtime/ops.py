@@ -1,6 +1,7 @@
 """``torch.ops.exprune.*``: the early-exit kernels as torch.library custom ops.
 
-Each op mutates only its ``stats`` counter tensor and returns a new tensor; its fake
+``critical`` is a 0-d tensor (a buffer of the rewritten graph, so that a site can be retuned
+without recompiling). Each op mutates only its ``stats`` counter tensor and returns a new tensor; its fake
 implementation gives the output's shape and dtype, so a rewritten graph can be printed,
 exported with torch.export and compiled by inductor (which treats the op as opaque).
 
@@ -9,7 +10,8 @@ Example:
     >>> from exprune_fx.runtime import ops  # registers the ops
     >>> from exprune_fx.runtime.counters import new_counters
     >>> x, w = torch.randn(2, 64), torch.randn(8, 64)
-    >>> torch.ops.exprune.relu_matmul(x, w, torch.ones(8), None, 1, 16, 0, float("-inf"), new_counters()).shape
+    >>> never = torch.tensor(float("-inf"))
+    >>> torch.ops.exprune.relu_matmul(x, w, torch.ones(8), None, 1, 16, 0, never, new_counters()).shape
     torch.Size([2, 8])
 """
 
@@ -25,7 +27,7 @@ from . import kernels
 
 @torch.library.custom_op("exprune::relu_matmul", mutates_args=("stats",))
 def relu_matmul(x: Tensor, weight: Tensor, scale: Tensor, offset: Optional[Tensor], unit: int, k: int,
-                test: int, critical: float, stats: Tensor) -> Tensor:
+                test: int, critical: Tensor, stats: Tensor) -> Tensor:
     """Early negative prediction for ``x @ weight.T``; see kernels.relu_matmul."""
     return kernels.relu_matmul(x, weight, scale, offset, unit, k, test, critical, stats)
 
@@ -39,7 +41,7 @@ def _relu_matmul_fake(x, weight, scale, offset, unit, k, test, critical, stats):
 
 @torch.library.custom_op("exprune::argmax_matmul", mutates_args=("stats",))
 def argmax_matmul(x: Tensor, weight: Tensor, scale: Tensor, offset: Optional[Tensor], unit: int, k: int,
-                  test: int, critical: float, stats: Tensor) -> Tensor:
+                  test: int, critical: Tensor, stats: Tensor) -> Tensor:
     """Dominance prediction for a prediction head; see kernels.argmax_matmul."""
     return kernels.argmax_matmul(x, weight, scale, offset, unit, k, test, critical, stats)
 
@@ -52,7 +54,7 @@ def _argmax_matmul_fake(x, weight, scale, offset, unit, k, test, critical, stats
 @torch.library.custom_op("exprune::relu_conv2d", mutates_args=("stats",))
 def relu_conv2d(x: Tensor, weight: Tensor, scale: Tensor, offset: Optional[Tensor], stride: list[int],
                 padding: list[int], dilation: list[int], groups: int, unit: int, k: int, test: int,
-                critical: float, stats: Tensor) -> Tensor:
+                critical: Tensor, stats: Tensor) -> Tensor:
     """Early negative prediction for a 2-d convolution; see kernels.relu_conv2d."""
     return kernels.relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups, unit, k,
                                test, critical, stats)
