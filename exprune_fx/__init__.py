@@ -10,6 +10,7 @@
 
 from .analysis import Analysis, analyze
 from .backend import ExPruneBackend, backend, reset_stats, stats
+from .calibrate import Calibration, calibrate
 from .compiler import CompiledModel, ExPruneWarning, compile
 from .config import Config, SiteConfig
 from .errors import ExportError, ExPruneError, InputError, TrainingModeError
@@ -20,7 +21,7 @@ from .passes.sites import Site
 from .symmetry import SymmetryFailure, check_symmetry
 
 __all__ = [
-    "Analysis", "CompiledModel", "ExPruneBackend", "backend", "reset_stats", "stats", "Config", "ExPruneWarning", "SiteConfig", "compile", "load", "save", "ExPruneError", "ExportError", "InputError", "Lifted", "Member", "Pin", "Site",
+    "Analysis", "Calibration", "calibrate", "CompiledModel", "ExPruneBackend", "backend", "reset_stats", "stats", "Config", "ExPruneWarning", "SiteConfig", "compile", "load", "save", "ExPruneError", "ExportError", "InputError", "Lifted", "Member", "Pin", "Site",
     "SymmetryClass", "SymmetryFailure", "TrainingModeError", "analyze", "check_symmetry", "lift",
 ]
 __version__ = "0.1.0"

@@ -239,6 +239,7 @@ def compile_graph(model: torch.nn.Module, example_inputs: Any, config: Config | 
     site_dense = sum(2 * read(compiled._counters(r))["dense"] for r in compiled.rewritten_sites)
     compiled._other_flops_per_row = max(total - site_dense, 0.0) / _rows(args, kwargs)
     compiled.source_fingerprint = weights_fingerprint(model)
+    object.__setattr__(compiled, "source_model", model)  # for calibrate(); not a submodule
     compiled.reset_stats()
     if not compiled.rewritten_sites:
         warnings.warn(f"exprune: no site was rewritten, the compiled model runs dense ({_reason_summary(reports)}); "

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from archgen import architectures
+from trained import trained_mlp
 from hypothesis import given, settings
 from torch import nn
 
@@ -162,29 +163,8 @@ def test_stats_and_reset():
     assert compiled.exprune_stats()["calls"] == 0 and compiled.exprune_stats()["sites"]["linear_1"]["calls"] == 0
 
 
-def _trained_mlp():
-    """A ReLU MLP trained for a few seconds on learnable synthetic data (Gaussian clusters)."""
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(10, 20, generator=g) * 1.5
-
-    def data(count):
-        y = torch.randint(0, 10, (count,), generator=g)
-        return centers[y] + torch.randn(count, 20, generator=g), y
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(150):
-        x, y = data(256)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), data(4000)
-
-
 def test_trained_model_saves_flops_within_one_point():
-    model, (x, y) = _trained_mlp()
+    model, (x, y) = trained_mlp()
     dense_acc = (run(model, x).argmax(1) == y).float().mean().item()
     compiled = exprune_fx.compile(model, x[:8], Config(alpha=0.05, k=32))
     acc = (run(compiled, x).argmax(1) == y).float().mean().item()

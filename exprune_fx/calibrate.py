@@ -1,0 +1,197 @@
+"""``calibrate``: choose per-site settings that save the most FLOPs within an accuracy budget.
+
+The search answers "how much work can I skip for at most ``max_drop`` metric loss?" with far
+fewer evaluations than a black-box search (the reference ran 2000 Optuna trials per model):
+
+1. **Profile** (cheap): for each k in ``ks``, compile once with every site rewritten and
+   nothing pruned; then for every site and every alpha in ``alphas``, retune that one site
+   in place (no recompile) and evaluate on a seeded subset of the calibration data
+   (``profile_fraction``), recording the metric drop and the site's FLOPs saving.
+2. **Allocate** (greedy): visit sites from the most to the least efficient (saving per unit of
+   drop); for each, try its profiled settings from the largest saving down, each time
+   compiling the combined config and evaluating on all the calibration data; keep the first
+   whose total drop stays within ``max_drop``.
+
+Evaluations are counted in full-data equivalents (a profile run on a quarter of the data
+counts 0.25). Calibrate on a validation split; report on a held-out split.
+
+Example:
+    >>> import torch, exprune_fx
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+    ...                             torch.nn.ReLU(), torch.nn.Linear(128, 4)).eval()
+    >>> x = torch.randn(256, 8)
+    >>> data = [(x[i:i + 64], model(x[i:i + 64]).argmax(1)) for i in range(0, 256, 64)]
+    >>> fast = exprune_fx.compile(model, x[:4])
+    >>> result = exprune_fx.calibrate(fast, data, max_drop=0.02, ks=(16,), alphas=(0.05,), progress=False)
+    >>> result.report["metric_drop"] <= 0.02
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .compiler import CompiledModel, ExPruneWarning, compile_graph
+from .config import Config, SiteConfig
+from .errors import InputError
+
+Metric = Callable[[Any, torch.Tensor], float]
+
+
+def accuracy(outputs: Any, labels: torch.Tensor) -> float:
+    """Fraction of argmax predictions over the last axis equal to ``labels`` (logits of a
+    ``ModelOutput`` or the first element of a tuple are used)."""
+    logits = getattr(outputs, "logits", outputs)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+@dataclass
+class Calibration:
+    """The chosen ``config``, the model compiled with it, and what the search did."""
+
+    config: Config
+    compiled: CompiledModel
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _call(model, inputs):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _rows(inputs) -> int:
+    leaves = [t for t in (inputs.values() if isinstance(inputs, dict) else
+                          inputs if isinstance(inputs, tuple) else (inputs,)) if isinstance(t, torch.Tensor)]
+    return int(leaves[0].shape[0]) if leaves and leaves[0].dim() else 1
+
+
+class _Evaluator:
+    """Weighted metric over batches; counts evaluations in full-data equivalents."""
+
+    def __init__(self, batches: list, metric: Metric):
+        self.batches, self.metric = batches, metric
+        self.total_rows = sum(_rows(x) for x, _ in batches)
+        self.evaluations = 0.0
+
+    def __call__(self, model, subset: Sequence[int] | None = None) -> float:
+        chosen = [self.batches[i] for i in subset] if subset is not None else self.batches
+        score = rows = 0
+        with torch.no_grad():
+            for inputs, labels in chosen:
+                n = _rows(inputs)
+                score += self.metric(_call(model, inputs), labels) * n
+                rows += n
+        self.evaluations += rows / self.total_rows
+        return score / max(rows, 1)
+
+
+def _site_saving(compiled: CompiledModel, site: str) -> float:
+    s = compiled.exprune_stats()["sites"].get(site)
+    if not s or not s["calls"]:
+        return 0.0
+    return 2 * (s["dense_macs"] - s["executed_macs"]) / max(compiled.exprune_stats()["rows"], 1)
+
+
+def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], metric: Metric | None = None,
+              max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
+              profile_fraction: float = 0.25, seed: int = 0, progress: bool = True) -> Calibration:
+    """Calibrate ``compiled`` (from :func:`exprune_fx.compile`) on ``data``, an iterable of
+    ``(inputs, labels)`` batches (or a callable returning one). ``metric(outputs, labels)``
+    is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
+    of the metric below the dense model's on ``data``. See the module docstring."""
+    if not isinstance(compiled, CompiledModel) or getattr(compiled, "source_model", None) is None:
+        raise InputError("calibrate() takes what exprune_fx.compile returned (it recompiles the source model)")
+    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop and math.isfinite(max_drop)):
+        raise InputError(f"max_drop must be a finite number >= 0 (got {max_drop!r})")
+    if not 0 < profile_fraction <= 1:
+        raise InputError(f"profile_fraction must be in (0, 1] (got {profile_fraction!r})")
+    for a in alphas:
+        Config(alpha=a)  # validates
+    batches = list(data() if callable(data) else data)
+    if not batches or any(not (isinstance(b, (tuple, list)) and len(b) == 2) for b in batches):
+        raise InputError("data must yield (inputs, labels) pairs, and at least one")
+    start = time.perf_counter()
+    evaluate = _Evaluator(batches, metric or accuracy)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    subset = sorted(order[: max(1, round(profile_fraction * len(batches)))])
+    source, example, outputs = compiled.source_model, compiled.example_inputs, compiled.outputs
+
+    def build(cfg: Config) -> CompiledModel:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExPruneWarning)  # trials with every site disabled are normal
+            return compile_graph(source, example, cfg, outputs, check_guards=True)
+
+    dense_full = evaluate(source)
+    dense_subset = evaluate(source, subset)
+    base = Config(k=min(ks), alpha=0.0, test="stats")
+    candidates = _profile(build, evaluate, subset, dense_subset, ks, alphas, progress)
+    config, steps = _allocate(build, evaluate, base, candidates, dense_full, max_drop, progress)
+
+    final = build(config)
+    final.reset_stats()
+    metric_value = evaluate(final)
+    stats = final.exprune_stats()
+    report = {
+        "dense_metric": dense_full, "metric": metric_value, "metric_drop": dense_full - metric_value,
+        "max_drop": max_drop, "dense_flops": stats["dense_flops"], "executed_flops": stats["executed_flops"],
+        "reduction": stats["reduction"], "evaluations": round(evaluate.evaluations, 2),
+        "seconds": time.perf_counter() - start, "steps": steps,
+        "sites": {n: _site_settings(config.sites.get(n)) for n in config.sites},
+    }
+    return Calibration(config, final, report)
+
+
+def _site_settings(sc: SiteConfig | None) -> dict:
+    return {} if sc is None else {k: v for k, v in sc.__dict__.items() if v is not None}
+
+
+def _profile(build, evaluate, subset, dense_subset, ks, alphas, progress) -> list[dict]:
+    """One compile per k; per site and alpha, one retuned evaluation on the subset."""
+    candidates = []
+    variants = [(k, build(Config(k=k, alpha=0.0))) for k in ks]
+    jobs = [(k, v, r.name, a) for k, v in variants for r in v.rewritten_sites for a in alphas]
+    for k, variant, site, alpha in tqdm(jobs, desc="profiling sites", disable=not progress):
+        variant.retune(site, alpha=alpha)
+        variant.reset_stats()
+        drop = dense_subset - evaluate(variant, subset)
+        saving = _site_saving(variant, site)
+        variant.retune(site, alpha=0.0)
+        candidates.append({"site": site, "k": k, "alpha": alpha, "drop": drop, "saving": saving})
+    return candidates
+
+
+def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_full: float, max_drop: float,
+              progress) -> tuple[Config, list[dict]]:
+    """Greedy allocation over sites, verified on all the data at every step."""
+    by_site: dict[str, list[dict]] = {}
+    for c in candidates:
+        if c["saving"] > 0 and c["drop"] <= max_drop:
+            by_site.setdefault(c["site"], []).append(c)
+    efficiency = {s: max(c["saving"] / max(c["drop"], 1e-4) for c in cs) for s, cs in by_site.items()}
+    disabled = {c["site"] for c in candidates}
+    config = Config(k=base.k, alpha=0.0, sites={s: SiteConfig(enabled=False) for s in disabled})
+    steps = []
+    for site in tqdm(sorted(by_site, key=lambda s: -efficiency[s]), desc="allocating", disable=not progress):
+        for c in sorted(by_site[site], key=lambda c: -c["saving"])[:3]:
+            trial = config.with_site(site, enabled=True, k=c["k"], alpha=c["alpha"])
+            compiled = build(trial)
+            compiled.reset_stats()
+            value = evaluate(compiled)
+            stats = compiled.exprune_stats()
+            accepted = dense_full - value <= max_drop
+            steps.append({"site": site, "k": c["k"], "alpha": c["alpha"], "metric": value,
+                          "reduction": stats["reduction"], "accepted": accepted})
+            if accepted:
+                config = trial
+                break
+    return config, steps

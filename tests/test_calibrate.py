@@ -1,0 +1,60 @@
+"""calibrate(): the budget holds on held-out data, the search is cheap and deterministic."""
+
+import pytest
+import torch
+
+import exprune_fx
+from exprune_fx import Config, InputError
+from trained import trained_mlp
+
+
+def batches(x, y, size=500):
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, (x, y) = trained_mlp(count=8000)
+    val, test = batches(x[:4000], y[:4000]), batches(x[4000:], y[4000:])
+    return model, val, test
+
+
+def accuracy(model, data):
+    with torch.no_grad():
+        return sum((model(x).argmax(1) == y).sum().item() for x, y in data) / sum(len(y) for _, y in data)
+
+
+def test_budget_is_respected_on_held_out_data(setup):
+    model, val, test = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4])
+    result = exprune_fx.calibrate(compiled, val, max_drop=0.005, ks=(16, 32), alphas=(0.01, 0.1, 0.3),
+                                  progress=False)
+    report = result.report
+    assert report["metric_drop"] <= 0.005  # on the calibration split, by construction
+    assert accuracy(model, test) - accuracy(result.compiled, test) <= 0.005 + 0.005  # held out: budget + noise
+    assert report["reduction"] > 0.0 and report["evaluations"] <= 100
+    assert report["steps"] and all({"site", "k", "alpha", "metric", "reduction"} <= set(s) for s in report["steps"])
+    chosen = result.config.for_site("linear_1")
+    assert chosen.enabled and chosen.k in (16, 32)
+
+
+def test_zero_budget_and_determinism(setup):
+    model, val, _ = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4])
+    first = exprune_fx.calibrate(compiled, val[:4], max_drop=0.0, ks=(16,), alphas=(0.05, 0.2), progress=False)
+    again = exprune_fx.calibrate(compiled, lambda: val[:4], max_drop=0.0, ks=(16,), alphas=(0.05, 0.2), progress=False)
+    assert first.config == again.config
+    assert first.report["metric_drop"] <= 0.0
+
+
+def test_bad_arguments(setup):
+    model, val, _ = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4])
+    with pytest.raises(InputError, match="max_drop"):
+        exprune_fx.calibrate(compiled, val, max_drop=-1)
+    with pytest.raises(InputError, match="alpha"):
+        exprune_fx.calibrate(compiled, val, alphas=(0.9,))
+    with pytest.raises(InputError, match=r"\(inputs, labels\)"):
+        exprune_fx.calibrate(compiled, [torch.zeros(3)])
+    with pytest.raises(InputError, match="what exprune_fx.compile returned"):
+        exprune_fx.calibrate(model, val)
