@@ -125,16 +125,20 @@ class CompiledModel(torch.nn.Module):
                 "prune_rate": c["pruned"] / c["outputs"] if c["outputs"] else 0.0,
                 "dense_macs": c["dense"], "executed_macs": executed, "partial_macs": c["partial"],
                 "test_macs": c["test"], "remainder_macs": c["remainder"], "computed_macs": c["computed"],
+                # a perfect sign predictor at this k skips the remainder of every negative output
+                "oracle_saved_macs": c["negative"] * (c["dense"] - c["partial"]) / c["outputs"] if c["outputs"] else 0.0,
             }
             site_dense += c["dense"]
             site_executed += executed
         other = self._other_flops_per_row * self._rows
         dense_flops = 2 * site_dense + other
         executed_flops = 2 * site_executed + other
+        oracle_saved = 2 * sum(s["oracle_saved_macs"] for s in sites.values() if s["decision"] == "relu")
         return {
             "sites": sites, "calls": self._calls, "rows": self._rows,
             "dense_flops": dense_flops, "executed_flops": executed_flops,
             "reduction": 1.0 - executed_flops / dense_flops if dense_flops else 0.0,
+            "oracle_reduction": oracle_saved / dense_flops if dense_flops else 0.0,
             "note": FLOPS_NOTE,
         }
 

@@ -60,6 +60,31 @@ class ResidualCNN(nn.Module):
         return self.head(self.stage2(self.transition(self.stage1(self.stem(x)))))
 
 
+class VGGStyle(nn.Module):
+    """A VGG-style CNN for 1x28x28 images: two blocks of two 3x3 convs (with or without batch
+    norm) and a max-pool each, then a two-layer classifier on the flattened 64x7x7 features."""
+
+    def __init__(self, batch_norm: bool = True, widths: tuple[int, int] = (32, 64), hidden: int = 256,
+                 classes: int = 10):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for width in widths:
+            for _ in range(2):
+                layers.append(nn.Conv2d(c_in, width, 3, padding=1, bias=not batch_norm))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.ReLU())
+                c_in = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c_in * 7 * 7, hidden), nn.ReLU(),
+                                        nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 def residual_cnn(seed: int = 0, batch: int = 2):
     """The demo model: :class:`ResidualCNN` with randomised batch-norm statistics."""
     _seeded(seed)

@@ -173,6 +173,10 @@ def test_trained_model_saves_flops_within_one_point():
     assert stats["reduction"] > 0.0
     assert stats["sites"]["linear_1"]["prune_rate"] > 0.05
     assert acc >= dense_acc - 0.01
+    never = exprune_fx.compile(model, x[:8], Config(alpha=0.0, k=32))
+    run(never, x)
+    oracle = never.exprune_stats()["oracle_reduction"]
+    assert stats["reduction"] < oracle < 1  # a perfect sign predictor at k=32 saves more
 
 
 def test_rewritten_graph_exports_and_prints():

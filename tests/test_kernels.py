@@ -208,3 +208,12 @@ def test_batched_relu_matmul(unit):
     kept = z != 0
     torch.testing.assert_close(z[kept], dense[kept], rtol=1e-5, atol=1e-5)
     assert counts["outputs"] == 48 and counts["partial"] == 48 * 4 * unit
+
+
+def test_negative_counter_gives_the_oracle_bound():
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 40), torch.randn(6, 40)
+    z, counts = relu_matmul(x, w, torch.ones(6), None, 1, 8, kernels.STATS, NEVER)
+    assert counts["negative"] == (x @ w.T < 0).sum().item()
+    z, counts = relu_matmul(x, w, torch.ones(6), None, 1, 8, kernels.THRESHOLD, ALWAYS)
+    assert counts["negative"] == 0  # pruned outputs are zero, not negative

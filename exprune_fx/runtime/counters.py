@@ -14,7 +14,10 @@ MACs are multiply-accumulates; FLOPs are reported as 2 x MACs.
 * ``remainder``: the remaining ``n - k`` terms of every output that was not pruned (the work
   the method requires);
 * ``computed``: MACs this kernel actually spent (partial + test + the remainder it computed;
-  a dense kernel on a subset of output columns may compute more than ``remainder``).
+  a dense kernel on a subset of output columns may compute more than ``remainder``);
+* ``negative``: outputs that were computed in full and came out negative (the decision
+  zeroes them): what a perfect sign predictor at the same k would also have skipped. With
+  nothing pruned (alpha = 0) it gives the oracle bound.
 
 Example:
     >>> import torch
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-FIELDS = ("calls", "outputs", "pruned", "dense", "partial", "test", "remainder", "computed")
+FIELDS = ("calls", "outputs", "pruned", "dense", "partial", "test", "remainder", "computed", "negative")
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 

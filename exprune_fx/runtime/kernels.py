@@ -106,7 +106,7 @@ def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical
         z = a[cols] * (s1[:, cols] + x2[:, ku:] @ weight[cols, ku:].T) + cc
         out[:, cols] = torch.where(keep[:, cols], z, 0)
         rest_macs = m * cols.numel() * (big_k - ku)
-    _count_relu(stats, m * n_out, pruned, big_k, ku, k, test, rest_macs)
+    _count_relu(stats, m * n_out, pruned, big_k, ku, k, test, rest_macs, out)
     return out.reshape(lead + (n_out,))
 
 
@@ -126,16 +126,17 @@ def _relu_batched(x, weight, scale, offset, unit: int, k: int, test: int, critic
     pruned = _decide_negative(a * s1 / k + c / n, s1, s2, a, k, n, test, critical)
     z = a * (s1 + x[..., ku:] @ weight[..., ku:].transpose(-1, -2)) + c
     outputs = s1.numel()
-    _count_relu(stats, outputs, pruned, big_k, ku, k, test, outputs * (big_k - ku))
-    return torch.where(pruned, torch.zeros((), dtype=z.dtype, device=z.device), z)
+    out = torch.where(pruned, torch.zeros((), dtype=z.dtype, device=z.device), z)
+    _count_relu(stats, outputs, pruned, big_k, ku, k, test, outputs * (big_k - ku), out)
+    return out
 
 
-def _count_relu(stats, outputs: int, pruned, big_k: int, ku: int, k: int, test: int, rest_macs: int):
+def _count_relu(stats, outputs: int, pruned, big_k: int, ku: int, k: int, test: int, rest_macs: int, out):
     test_per_output = k + 4 if test == STATS else 2
     kept = outputs - pruned.sum()
     add(stats, calls=1, outputs=outputs, pruned=pruned.sum(), dense=outputs * big_k,
         partial=outputs * ku, test=outputs * test_per_output, remainder=kept * (big_k - ku),
-        computed=outputs * (ku + test_per_output) + rest_macs)
+        computed=outputs * (ku + test_per_output) + rest_macs, negative=(out < 0).sum())
 
 
 def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int, unit: int, k: int,
@@ -185,7 +186,7 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
         z = a[:, chans] * (s1[:, chans] + rest) + cc
         out[:, chans] = torch.where(keep[:, chans], z, 0)
         rest_macs = b * chans.numel() * out_hw[0] * out_hw[1] * per_output
-    _count_relu(stats, outputs, pruned, cin_g * kh * kw, kc * kh * kw, k, test, rest_macs)
+    _count_relu(stats, outputs, pruned, cin_g * kh * kw, kc * kh * kw, k, test, rest_macs, out)
     return out
 
 
