@@ -4,7 +4,8 @@ The search answers "how much work can I skip for at most ``max_drop`` metric los
 fewer evaluations than a black-box search (the reference ran 2000 Optuna trials per model):
 
 1. **Profile** (cheap): for each k in ``ks``, compile once with every site rewritten and
-   nothing pruned; then for every site and every alpha in ``alphas``, retune that one site
+   nothing pruned (which also measures the oracle bound: what a perfect sign predictor at
+   that k would save); then for every site and every alpha in ``alphas``, retune that one site
    in place (no recompile) and evaluate on a seeded subset of the calibration data
    (``profile_fraction``), recording the metric drop and the site's FLOPs saving.
 2. **Allocate** (greedy): visit sites from the most to the least efficient (saving per unit of
@@ -29,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -104,19 +106,25 @@ def _site_saving(compiled: CompiledModel, site: str) -> float:
 
 def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], metric: Metric | None = None,
               max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
+              test: str = "stats", thresholds: Sequence[float] = (-0.02, -0.01, 0.0),
               profile_fraction: float = 0.25, seed: int = 0, progress: bool = True) -> Calibration:
     """Calibrate ``compiled`` (from :func:`exprune_fx.compile`) on ``data``, an iterable of
     ``(inputs, labels)`` batches (or a callable returning one). ``metric(outputs, labels)``
     is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
-    of the metric below the dense model's on ``data``. See the module docstring."""
+    of the metric below the dense model's on ``data``. ``test="stats"`` searches ``alphas``;
+    ``test="threshold"`` searches ``thresholds`` (in units of the folded per-term mean, so
+    their scale is model-specific). See the module docstring."""
     if not isinstance(compiled, CompiledModel) or getattr(compiled, "source_model", None) is None:
         raise InputError("calibrate() takes what exprune_fx.compile returned (it recompiles the source model)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop and math.isfinite(max_drop)):
         raise InputError(f"max_drop must be a finite number >= 0 (got {max_drop!r})")
     if not 0 < profile_fraction <= 1:
         raise InputError(f"profile_fraction must be in (0, 1] (got {profile_fraction!r})")
-    for a in alphas:
-        Config(alpha=a)  # validates
+    if test not in ("stats", "threshold"):
+        raise InputError(f"test must be 'stats' or 'threshold' (got {test!r})")
+    grid = _Grid("alpha", tuple(alphas), 0.0) if test == "stats" else _Grid("threshold", tuple(thresholds), -math.inf)
+    for value in grid.values:
+        Config(**{grid.setting: value})  # validates
     batches = list(data() if callable(data) else data)
     if not batches or any(not (isinstance(b, (tuple, list)) and len(b) == 2) for b in batches):
         raise InputError("data must yield (inputs, labels) pairs, and at least one")
@@ -133,9 +141,9 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
 
     dense_full = evaluate(source)
     dense_subset = evaluate(source, subset)
-    base = Config(k=min(ks), alpha=0.0, test="stats")
-    candidates = _profile(build, evaluate, subset, dense_subset, ks, alphas, progress)
-    config, steps = _allocate(build, evaluate, base, candidates, dense_full, max_drop, progress)
+    base = Config(k=min(ks), test=test, **{grid.setting: grid.off})
+    candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, base, grid, progress)
+    config, steps = _allocate(build, evaluate, base, candidates, dense_full, max_drop, grid, progress)
 
     final = build(config)
     final.reset_stats()
@@ -144,7 +152,8 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     report = {
         "dense_metric": dense_full, "metric": metric_value, "metric_drop": dense_full - metric_value,
         "max_drop": max_drop, "dense_flops": stats["dense_flops"], "executed_flops": stats["executed_flops"],
-        "reduction": stats["reduction"], "evaluations": round(evaluate.evaluations, 2),
+        "reduction": stats["reduction"], "oracle_reduction": max(oracle.values(), default=0.0),
+        "oracle_reduction_by_k": oracle, "evaluations": round(evaluate.evaluations, 2),
         "seconds": time.perf_counter() - start, "steps": steps,
         "sites": {n: _site_settings(config.sites.get(n)) for n in config.sites},
     }
@@ -155,23 +164,35 @@ def _site_settings(sc: SiteConfig | None) -> dict:
     return {} if sc is None else {k: v for k, v in sc.__dict__.items() if v is not None}
 
 
-def _profile(build, evaluate, subset, dense_subset, ks, alphas, progress) -> list[dict]:
-    """One compile per k; per site and alpha, one retuned evaluation on the subset."""
-    candidates = []
-    variants = [(k, build(Config(k=k, alpha=0.0))) for k in ks]
-    jobs = [(k, v, r.name, a) for k, v in variants for r in v.rewritten_sites for a in alphas]
-    for k, variant, site, alpha in tqdm(jobs, desc="profiling sites", disable=not progress):
-        variant.retune(site, alpha=alpha)
+@dataclass(frozen=True)
+class _Grid:
+    setting: str  # "alpha" or "threshold"
+    values: tuple[float, ...]
+    off: float  # the value that prunes nothing
+
+
+def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Grid, progress):
+    """One compile per k; per site and setting, one retuned evaluation on the subset.
+    Also the oracle bound per k (a perfect sign predictor on every site, on the subset)."""
+    candidates, oracle = [], {}
+    variants = [(k, build(dataclasses.replace(base, k=k))) for k in ks]
+    for k, variant in variants:  # nothing pruned: every negative output is counted
+        variant.reset_stats()
+        evaluate(variant, subset)
+        oracle[k] = variant.exprune_stats()["oracle_reduction"]
+    jobs = [(k, v, r.name, value) for k, v in variants for r in v.rewritten_sites for value in grid.values]
+    for k, variant, site, value in tqdm(jobs, desc="profiling sites", disable=not progress):
+        variant.retune(site, **{grid.setting: value})
         variant.reset_stats()
         drop = dense_subset - evaluate(variant, subset)
         saving = _site_saving(variant, site)
-        variant.retune(site, alpha=0.0)
-        candidates.append({"site": site, "k": k, "alpha": alpha, "drop": drop, "saving": saving})
-    return candidates
+        variant.retune(site, **{grid.setting: grid.off})
+        candidates.append({"site": site, "k": k, grid.setting: value, "drop": drop, "saving": saving})
+    return candidates, oracle
 
 
 def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_full: float, max_drop: float,
-              progress) -> tuple[Config, list[dict]]:
+              grid: _Grid, progress) -> tuple[Config, list[dict]]:
     """Greedy allocation over sites, verified on all the data at every step."""
     by_site: dict[str, list[dict]] = {}
     for c in candidates:
@@ -179,17 +200,17 @@ def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_full:
             by_site.setdefault(c["site"], []).append(c)
     efficiency = {s: max(c["saving"] / max(c["drop"], 1e-4) for c in cs) for s, cs in by_site.items()}
     disabled = {c["site"] for c in candidates}
-    config = Config(k=base.k, alpha=0.0, sites={s: SiteConfig(enabled=False) for s in disabled})
+    config = dataclasses.replace(base, sites={s: SiteConfig(enabled=False) for s in disabled})
     steps = []
     for site in tqdm(sorted(by_site, key=lambda s: -efficiency[s]), desc="allocating", disable=not progress):
         for c in sorted(by_site[site], key=lambda c: -c["saving"])[:3]:
-            trial = config.with_site(site, enabled=True, k=c["k"], alpha=c["alpha"])
+            trial = config.with_site(site, enabled=True, k=c["k"], **{grid.setting: c[grid.setting]})
             compiled = build(trial)
             compiled.reset_stats()
             value = evaluate(compiled)
             stats = compiled.exprune_stats()
             accepted = dense_full - value <= max_drop
-            steps.append({"site": site, "k": c["k"], "alpha": c["alpha"], "metric": value,
+            steps.append({"site": site, "k": c["k"], grid.setting: c[grid.setting], "metric": value,
                           "reduction": stats["reduction"], "accepted": accepted})
             if accepted:
                 config = trial

@@ -34,6 +34,7 @@ def test_budget_is_respected_on_held_out_data(setup):
     assert accuracy(model, test) - accuracy(result.compiled, test) <= 0.005 + 0.005  # held out: budget + noise
     assert report["reduction"] > 0.0 and report["evaluations"] <= 100
     assert report["steps"] and all({"site", "k", "alpha", "metric", "reduction"} <= set(s) for s in report["steps"])
+    assert report["oracle_reduction"] > 0
     chosen = result.config.for_site("linear_1")
     assert chosen.enabled and chosen.k in (16, 32)
 
@@ -47,6 +48,16 @@ def test_zero_budget_and_determinism(setup):
     assert first.report["metric_drop"] <= 0.0
 
 
+def test_threshold_search(setup):
+    model, val, _ = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4])
+    result = exprune_fx.calibrate(compiled, val[:4], max_drop=0.01, ks=(32,), test="threshold",
+                                  thresholds=(-0.05, 0.0), progress=False)
+    assert result.report["metric_drop"] <= 0.01
+    assert all(step["k"] == 32 and "threshold" in step for step in result.report["steps"])
+    assert result.config.test == "threshold"
+
+
 def test_bad_arguments(setup):
     model, val, _ = setup
     compiled = exprune_fx.compile(model, val[0][0][:4])
@@ -56,5 +67,7 @@ def test_bad_arguments(setup):
         exprune_fx.calibrate(compiled, val, alphas=(0.9,))
     with pytest.raises(InputError, match=r"\(inputs, labels\)"):
         exprune_fx.calibrate(compiled, [torch.zeros(3)])
+    with pytest.raises(InputError, match="test must be"):
+        exprune_fx.calibrate(compiled, val, test="oracle")
     with pytest.raises(InputError, match="what exprune_fx.compile returned"):
         exprune_fx.calibrate(model, val)
