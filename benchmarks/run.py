@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import analysis_cost  # noqa: E402
+import calibration  # noqa: E402
 import overhead  # noqa: E402
 import prune_effect  # noqa: E402
 
@@ -16,6 +17,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args()
     analysis_cost.main(["--out", args.out])
+    calibration.main(["--out", args.out, "--quiet"])
     prune_effect.main(["--out", args.out])
     overhead.main(["--out", args.out])
 
