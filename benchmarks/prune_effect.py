@@ -1,7 +1,8 @@
 """What the rewrite saves at alpha = 0.05: per-site prune rates and whole-model FLOPs.
 
-* a small ResNet-style CNN (exprune_fx.zoo.ResidualCNN) trained here for one epoch on
-  Fashion-MNIST (Debian package dataset-fashion-mnist), evaluated on the 10000 test images;
+* the ResNet-style CNN (exprune_fx.zoo.ResidualCNN) of benchmarks/checkpoints (trained by
+  benchmarks/train_cnns.py on Fashion-MNIST), evaluated on the 10000 test images, with one
+  global alpha (no calibration: see calibration.py for the calibrated results);
 * HF OPTForCausalLM from a small config with random weights, on random tokens, with the LM
   head declared argmax-only (dominance prediction).
 
@@ -14,59 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import exprune_fx
 from exprune_fx import Config
 from exprune_fx.datasets import load_fashion_mnist
-from exprune_fx.zoo import ResidualCNN, hf_opt
+from exprune_fx.zoo import hf_opt
 
-
-def train_cnn(out: Path, epochs: int = 1, seed: int = 0) -> ResidualCNN:
-    path = out / f"residual_cnn_fmnist_e{epochs}_s{seed}.pt"
-    torch.manual_seed(seed)
-    model = ResidualCNN()
-    if path.exists():
-        model.load_state_dict(torch.load(path))
-        return model.eval()
-    x, y = load_fashion_mnist("train")
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 128):
-            idx = order[i:i + 128]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    recalibrate_batch_norm(model, x[:10000])
-    print(f"trained the CNN for {epochs} epoch(s) in {time.time() - t0:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model.eval()
-
-
-def recalibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> None:
-    """Replace the running statistics by exact averages over ``x`` with the final weights
-    (after one epoch at a high learning rate, the exponential averages lag behind)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            model(x[i:i + batch])
-    for m in norms:
-        m.momentum = 0.1
-    model.eval()
+sys.path.insert(0, str(Path(__file__).parent))
+from calibration import load_model  # noqa: E402
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -75,8 +36,8 @@ def accuracy(model, x, y, batch: int = 500) -> float:
                    for i in range(0, len(x), batch)) / len(x)
 
 
-def cnn_rows(out: Path, alpha: float, ks: list[int]) -> list[dict]:
-    model = train_cnn(out)
+def cnn_rows(alpha: float, ks: list[int]) -> list[dict]:
+    model = load_model("resnet")
     x, y = load_fashion_mnist("test")
     dense = accuracy(model, x, y)
     rows = []
@@ -118,7 +79,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--k", type=int, nargs="*", default=[8, 16])
     args = parser.parse_args(argv)
-    rows = cnn_rows(args.out, args.alpha, args.k) + opt_rows(args.alpha, args.k)
+    rows = cnn_rows(args.alpha, args.k) + opt_rows(args.alpha, args.k)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prune_effect.json").write_text(json.dumps(rows, indent=2))
     table = ("| model | alpha | k | dense metric | metric | whole-model FLOPs reduction | per-site prune rates |\n"
