@@ -74,7 +74,7 @@ class Analysis:
         lines = [
             f"ExPrune analysis: {s['classes']} symmetry classes ({s['free_classes']} free), "
             f"{s['sites']} reduction sites ({s['eligible_sites']} eligible)",
-            f"outputs: " + ", ".join(f"{k} ({v})" for k, v in self.outputs.items()),
+            "outputs: " + ", ".join(f"{k} ({v})" for k, v in self.outputs.items()),
             "",
             f"{'site':<28} {'kind':<10} {'n':>6} {'decision':<9} {'eligible':<8} reason",
         ]

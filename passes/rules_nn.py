@@ -9,7 +9,7 @@ import re
 import torch
 from torch.fx import Node
 
-from .rules import RuleContext, _unite_broadcast, elementwise, rule
+from .rules import RuleContext, _unite_broadcast, rule
 
 aten = torch.ops.aten
 

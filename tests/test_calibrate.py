@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import exprune_fx
-from exprune_fx import Config, InputError
+from exprune_fx import InputError
 from trained import trained_mlp
 
 
