@@ -362,20 +362,43 @@ def concat(ctx: RuleContext, node: Node) -> None:
 
 @rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split)
 def split(ctx: RuleContext, node: Node) -> None:
-    """Pieces along one axis: that axis is pinned, the others unite with each piece."""
+    """Pieces along one axis. Equal pieces are a reshape to ``[pieces, size]``: the piece
+    factor is pinned and each piece's axis unites with the size factor (a fused q/k/v
+    projection keeps its heads free); otherwise the whole axis is pinned. The other axes
+    unite with each piece."""
     src = node.args[0]
     ax_in = ctx.axes(src)
     nd = len(ax_in)
     dim = _dim(ctx.arg(node, "dim", 0), nd)
     unbind = node.target.overloadpacket is aten.unbind
-    ctx.pin(ax_in[dim], node, "split axis")
-    for out in ctx.outputs(node):
+    outs = ctx.outputs(node)
+    sizes = {shape[dim] for shape in (_shape_of(v) for v in _values(node)) if len(shape) > dim}
+    pieces = None
+    if not unbind and len(outs) > 1 and len(sizes) == 1 and sizes != {1}:
+        size = sizes.pop()
+        pieces = ctx.store.refine(ax_in[dim], [len(outs), size]) if len(outs) * size == ctx.shape(src)[dim] else None
+    if pieces is None:
+        ctx.pin(ax_in[dim], node, "split axis")
+    else:
+        ctx.pin([pieces[0]], node, "split axis (which piece)")
+    for out in outs:
         for d in range(nd):
             if d == dim:
-                if not unbind:
+                if pieces is not None:
+                    ctx.unite([pieces[1]], out[d], node)
+                elif not unbind:
                     ctx.pin(out[d], node, "split axis")
                 continue
             ctx.unite(ax_in[d], out[d - 1 if unbind and d > dim else d], node)
+
+
+def _values(node: Node) -> list:
+    val = node.meta.get("val")
+    return list(val) if isinstance(val, (tuple, list)) else [val]
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    return tuple(concrete_size(s) for s in value.shape) if isinstance(value, torch.Tensor) else ()
 
 
 # -- reductions without a decision (invariant along the reduced axes) -------------------

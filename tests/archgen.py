@@ -79,10 +79,11 @@ class SliceFeatures(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with explicit head reshapes and matmuls."""
 
-    def __init__(self, d: int, heads: int, fused: bool):
+    def __init__(self, d: int, heads: int, fused: bool, packed_qkv: bool = False):
         super().__init__()
         self.h, self.fused = heads, fused
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.qkv = nn.Linear(d, 3 * d) if packed_qkv else None  # one projection, split in three
 
     def forward(self, x):
         b, t, d = x.shape
@@ -91,7 +92,10 @@ class Attention(nn.Module):
         def heads(z):
             return z.view(b, t, self.h, dh).transpose(1, 2)
 
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        if self.qkv is not None:
+            q, k, v = (heads(z) for z in self.qkv(x).split(d, dim=-1))
+        else:
+            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         if self.fused:
             a = nn.functional.scaled_dot_product_attention(q, k, v)
         else:
@@ -164,7 +168,7 @@ def feature_blocks(draw, d: int, depth: int, seq: bool):
     for _ in range(depth):
         choices = ["linear", "linear_bn", "residual", "norm", "concat", "slice"]
         if seq:
-            choices += ["attention", "attention_fused"]
+            choices += ["attention", "attention_fused", "attention_packed_qkv"]
             choices.remove("linear_bn")
         kind = draw(st.sampled_from(choices))
         if kind in ("linear", "linear_bn"):
@@ -187,7 +191,7 @@ def feature_blocks(draw, d: int, depth: int, seq: bool):
             d = keep
         else:
             heads = draw(st.sampled_from(_divisors(d)))
-            blocks.append(Attention(d, heads, fused=kind == "attention_fused"))
+            blocks.append(Attention(d, heads, fused=kind == "attention_fused", packed_qkv=kind == "attention_packed_qkv"))
         names.append(kind)
     return blocks, names, d
 

@@ -38,6 +38,16 @@ def test_opt_ffn_width_and_heads_are_free():
     assert len(fc1) == 2 and all(s.decision == "relu" and s.n == 32 for s in fc1)
 
 
+def test_gpt2_fused_qkv_keeps_heads_free():
+    model, inputs = hf_models.gpt2()
+    a = analyze(model, inputs, strict=True)
+    cls = {c.id: c for c in a.classes}
+    pieces, heads, head_dim = classes_of(a, "transformer.h.0.attn.c_attn.weight")[1]  # Conv1D: [in, 3*out]
+    assert (cls[pieces].size, cls[heads].size, cls[head_dim].size) == (3, 4, 8)
+    assert not cls[pieces].free and cls[heads].free and cls[head_dim].free
+    assert check_symmetry(model, inputs, a) == []
+
+
 def test_opt_lm_head_as_declared_argmax():
     model, inputs = hf_models.opt()
     a = analyze(model, inputs, outputs={"logits": "argmax"})
