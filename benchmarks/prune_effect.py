@@ -36,9 +36,9 @@ def accuracy(model, x, y, batch: int = 500) -> float:
                    for i in range(0, len(x), batch)) / len(x)
 
 
-def cnn_rows(alpha: float, ks: list[int]) -> list[dict]:
+def cnn_rows(alpha: float, ks: list[int], test_images: int) -> list[dict]:
     model = load_model("resnet")
-    x, y = load_fashion_mnist("test")
+    x, y = load_fashion_mnist("test", limit=test_images)
     dense = accuracy(model, x, y)
     rows = []
     for k in ks:
@@ -78,8 +78,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--k", type=int, nargs="*", default=[8, 16])
+    parser.add_argument("--test", type=int, default=10000, help="test images to evaluate the CNN on")
     args = parser.parse_args(argv)
-    rows = cnn_rows(args.alpha, args.k) + opt_rows(args.alpha, args.k)
+    rows = cnn_rows(args.alpha, args.k, args.test) + opt_rows(args.alpha, args.k)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prune_effect.json").write_text(json.dumps(rows, indent=2))
     table = ("| model | alpha | k | dense metric | metric | whole-model FLOPs reduction | per-site prune rates |\n"
