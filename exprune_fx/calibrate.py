@@ -11,7 +11,7 @@ fewer evaluations than a black-box search (the reference ran 2000 Optuna trials 
 2. **Allocate** (greedy): visit sites from the most to the least efficient (saving per unit of
    drop); for each, try its profiled settings from the largest saving down, each time
    compiling the combined config and evaluating on all the calibration data; keep the first
-   whose total drop stays within ``max_drop``.
+   whose total drop, plus ``margin`` standard errors of it, stays within ``max_drop``.
 
 Evaluations are counted in full-data equivalents (a profile run on a quarter of the data
 counts 0.25). Calibrate on a validation split; report on a held-out split.
@@ -86,15 +86,31 @@ class _Evaluator:
         self.evaluations = 0.0
 
     def __call__(self, model, subset: Sequence[int] | None = None) -> float:
+        return self.per_batch(model, subset)[0]
+
+    def per_batch(self, model, subset: Sequence[int] | None = None) -> tuple[float, list[tuple[int, float]]]:
+        """The weighted metric and each batch's (rows, metric)."""
         chosen = [self.batches[i] for i in subset] if subset is not None else self.batches
-        score = rows = 0
+        scores = []
         with torch.no_grad():
             for inputs, labels in chosen:
-                n = _rows(inputs)
-                score += self.metric(_call(model, inputs), labels) * n
-                rows += n
+                scores.append((_rows(inputs), self.metric(_call(model, inputs), labels)))
+        rows = sum(n for n, _ in scores)
         self.evaluations += rows / self.total_rows
-        return score / max(rows, 1)
+        return sum(n * v for n, v in scores) / max(rows, 1), scores
+
+
+def paired_drop(dense: list[tuple[int, float]], trial: list[tuple[int, float]]) -> tuple[float, float]:
+    """Mean metric drop over batches (weighted by rows) and its standard error, from the
+    batch-to-batch spread of the paired differences (0 when every batch agrees)."""
+    w = torch.tensor([n for n, _ in dense], dtype=torch.float64)
+    d = torch.tensor([a - b for (_, a), (_, b) in zip(dense, trial)], dtype=torch.float64)
+    mean = float((w * d).sum() / w.sum())
+    if len(d) < 2:
+        return mean, 0.0
+    var = float((w * (d - mean) ** 2).sum() / w.sum())
+    n_eff = float(w.sum() ** 2 / (w * w).sum())
+    return mean, math.sqrt(var / max(n_eff - 1, 1))
 
 
 def _site_saving(compiled: CompiledModel, site: str) -> float:
@@ -107,17 +123,23 @@ def _site_saving(compiled: CompiledModel, site: str) -> float:
 def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], metric: Metric | None = None,
               max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
               test: str = "stats", thresholds: Sequence[float] = (-0.02, -0.01, 0.0),
-              profile_fraction: float = 0.25, seed: int = 0, progress: bool = True) -> Calibration:
+              profile_fraction: float = 0.25, margin: float = 1.0, seed: int = 0,
+              progress: bool = True) -> Calibration:
     """Calibrate ``compiled`` (from :func:`exprune_fx.compile`) on ``data``, an iterable of
     ``(inputs, labels)`` batches (or a callable returning one). ``metric(outputs, labels)``
     is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
     of the metric below the dense model's on ``data``. ``test="stats"`` searches ``alphas``;
     ``test="threshold"`` searches ``thresholds`` (in units of the folded per-term mean, so
-    their scale is model-specific). See the module docstring."""
+    their scale is model-specific). A step is kept when its drop plus ``margin`` standard
+    errors (estimated from the batch-to-batch spread of the paired drops) stays within
+    ``max_drop``: small calibration sets otherwise accept drops that were zero by chance.
+    See the module docstring."""
     if not isinstance(compiled, CompiledModel) or getattr(compiled, "source_model", None) is None:
         raise InputError("calibrate() takes what exprune_fx.compile returned (it recompiles the source model)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop and math.isfinite(max_drop)):
         raise InputError(f"max_drop must be a finite number >= 0 (got {max_drop!r})")
+    if not (isinstance(margin, (int, float)) and 0 <= margin and math.isfinite(margin)):
+        raise InputError(f"margin must be a finite number >= 0 (got {margin!r})")
     if not 0 < profile_fraction <= 1:
         raise InputError(f"profile_fraction must be in (0, 1] (got {profile_fraction!r})")
     if test not in ("stats", "threshold"):
@@ -139,11 +161,11 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
             warnings.simplefilter("ignore", ExPruneWarning)  # trials with every site disabled are normal
             return compile_graph(source, example, cfg, outputs, check_guards=True)
 
-    dense_full = evaluate(source)
+    dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)
     base = Config(k=min(ks), test=test, **{grid.setting: grid.off})
     candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, base, grid, progress)
-    config, steps = _allocate(build, evaluate, base, candidates, dense_full, max_drop, grid, progress)
+    config, steps = _allocate(build, evaluate, base, candidates, dense_batches, max_drop, margin, grid, progress)
 
     final = build(config)
     final.reset_stats()
@@ -191,8 +213,8 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
     return candidates, oracle
 
 
-def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_full: float, max_drop: float,
-              grid: _Grid, progress) -> tuple[Config, list[dict]]:
+def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batches: list, max_drop: float,
+              margin: float, grid: _Grid, progress) -> tuple[Config, list[dict]]:
     """Greedy allocation over sites, verified on all the data at every step."""
     by_site: dict[str, list[dict]] = {}
     for c in candidates:
@@ -207,11 +229,12 @@ def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_full:
             trial = config.with_site(site, enabled=True, k=c["k"], **{grid.setting: c[grid.setting]})
             compiled = build(trial)
             compiled.reset_stats()
-            value = evaluate(compiled)
+            value, trial_batches = evaluate.per_batch(compiled)
             stats = compiled.exprune_stats()
-            accepted = dense_full - value <= max_drop
+            drop, se = paired_drop(dense_batches, trial_batches)
+            accepted = drop + margin * se <= max_drop
             steps.append({"site": site, "k": c["k"], grid.setting: c[grid.setting], "metric": value,
-                          "reduction": stats["reduction"], "accepted": accepted})
+                          "drop": drop, "drop_se": se, "reduction": stats["reduction"], "accepted": accepted})
             if accepted:
                 config = trial
                 break

@@ -67,7 +67,18 @@ def test_bad_arguments(setup):
         exprune_fx.calibrate(compiled, val, alphas=(0.9,))
     with pytest.raises(InputError, match=r"\(inputs, labels\)"):
         exprune_fx.calibrate(compiled, [torch.zeros(3)])
+    with pytest.raises(InputError, match="margin"):
+        exprune_fx.calibrate(compiled, val, margin=-1)
     with pytest.raises(InputError, match="test must be"):
         exprune_fx.calibrate(compiled, val, test="oracle")
     with pytest.raises(InputError, match="what exprune_fx.compile returned"):
         exprune_fx.calibrate(model, val)
+
+
+def test_paired_drop_standard_error():
+    from exprune_fx.calibrate import paired_drop
+
+    dense = [(100, 0.9)] * 4
+    assert paired_drop(dense, [(100, 0.9)] * 4) == (0.0, 0.0)
+    mean, se = paired_drop(dense, [(100, 0.92), (100, 0.88), (100, 0.92), (100, 0.88)])
+    assert mean == pytest.approx(0.0) and se > 0.01  # cancelling flips are not a free pass
