@@ -130,44 +130,35 @@ class _CompiledGraph:
         example_inputs = [_concrete(x) for x in example_inputs]
         self.owner, self.model = owner, _DynamoGraphModel(gm, example_inputs)
         self.positions = self.model.user_positions()
-        self.variants: dict[tuple, tuple[CompiledModel, Callable]] = {}
+        self.variants: dict[tuple, CompiledModel] = {}
         self._build([example_inputs[i] for i in self.positions])
 
     @staticmethod
     def _key(inputs: Sequence[Any]) -> tuple:
         return tuple(("t", x.dtype, x.dim()) if isinstance(x, torch.Tensor) else ("v", x) for x in inputs)
 
-    def _build(self, inputs: list) -> tuple[CompiledModel, Callable]:
+    def _build(self, inputs: list) -> CompiledModel:
         # torch.export must not add its guards to the frame dynamo is compiling: trace outside it.
         with warnings.catch_warnings(), torch._guards.tracing(None):
             warnings.simplefilter("ignore", ExPruneWarning)  # graphs without sites are normal here
             compiled = compile_graph(self.model, tuple(inputs), self.owner.config, self.owner.outputs,
                                      check_guards=False)
-        run = compiled
         if self.owner.inner == "inductor":
-            run = _with_counted_rows(compiled, torch.compile(compiled.graph_module, backend="inductor"))
-        self.variants[self._key(inputs)] = (compiled, run)
+            compiled.run_with(torch.compile(compiled.graph_module, backend="inductor"))
+        self.variants[self._key(inputs)] = compiled
         weights = {_storage(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
         self.owner._graphs.append((compiled, weights))
-        return compiled, run
+        return compiled
 
     def __call__(self, *args):
         inputs = [args[i] for i in self.positions]
-        entry = self.variants.get(self._key(inputs))
-        if entry is None:
-            entry = self._build(inputs)
+        compiled = self.variants.get(self._key(inputs))
+        if compiled is None:
+            compiled = self._build(inputs)
         try:
-            return entry[1](*inputs)
+            return compiled(*inputs)
         except InputError:  # shapes the export specialised on changed: compile this variant
-            return self._build(inputs)[1](*inputs)
-
-
-def _with_counted_rows(compiled: CompiledModel, fast: Callable) -> Callable:
-    def run(*inputs):
-        compiled._calls += 1
-        compiled._rows += next((int(x.shape[0]) for x in inputs if isinstance(x, torch.Tensor) and x.dim()), 1)
-        return fast(*inputs)
-    return run
+            return self._build(inputs)(*inputs)
 
 
 class ExPruneBackend:

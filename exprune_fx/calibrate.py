@@ -40,9 +40,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .compiler import CompiledModel, ExPruneWarning, compile_graph
+from .compiler import CompiledModel, ExPruneWarning, batch_rows, compile_graph
 from .config import Config, SiteConfig
 from .errors import InputError
+from .lifting import normalize_inputs
 
 Metric = Callable[[Any, torch.Tensor], float]
 
@@ -72,9 +73,7 @@ def _call(model, inputs):
 
 
 def _rows(inputs) -> int:
-    leaves = [t for t in (inputs.values() if isinstance(inputs, dict) else
-                          inputs if isinstance(inputs, tuple) else (inputs,)) if isinstance(t, torch.Tensor)]
-    return int(leaves[0].shape[0]) if leaves and leaves[0].dim() else 1
+    return batch_rows(*normalize_inputs(inputs))
 
 
 class _Evaluator:

@@ -40,7 +40,8 @@ class ExPruneWarning(UserWarning):
     """The compiled model runs (partly) dense, and why."""
 
 
-def _rows(args: tuple, kwargs: dict) -> int:
+def batch_rows(args: tuple, kwargs: dict) -> int:
+    """The batch size of a call: the leading size of its first tensor input (1 if none)."""
     for leaf in tree_leaves((args, kwargs)):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
@@ -70,12 +71,18 @@ class CompiledModel(torch.nn.Module):
         self._other_flops_per_row = other_flops_per_row
         self._calls = 0
         self._rows = 0
+        self.__dict__["_runner"] = graph_module  # what forward calls (not a second submodule); see run_with()
+
+    def run_with(self, runner) -> None:
+        """Run calls through ``runner`` (for example ``torch.compile(self.graph_module)``),
+        keeping the call and row counts here."""
+        self.__dict__["_runner"] = runner
 
     def forward(self, *args, **kwargs):
         self._calls += 1
-        self._rows += _rows(args, kwargs)
+        self._rows += batch_rows(args, kwargs)
         try:
-            return self.graph_module(*args, **kwargs)
+            return self._runner(*args, **kwargs)
         except AssertionError as exc:
             if "Guard failed" not in str(exc):
                 raise
@@ -241,7 +248,7 @@ def compile_graph(model: torch.nn.Module, example_inputs: Any, config: Config | 
     with torch.no_grad():
         compiled(*args, **kwargs)  # runs the rewritten graph once, and measures its sites' work
     site_dense = sum(2 * read(compiled._counters(r))["dense"] for r in compiled.rewritten_sites)
-    compiled._other_flops_per_row = max(total - site_dense, 0.0) / _rows(args, kwargs)
+    compiled._other_flops_per_row = max(total - site_dense, 0.0) / batch_rows(args, kwargs)
     compiled.source_fingerprint = weights_fingerprint(model)
     object.__setattr__(compiled, "source_model", model)  # for calibrate(); not a submodule
     compiled.reset_stats()

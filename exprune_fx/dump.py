@@ -298,13 +298,18 @@ def _dot_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def _dot_head(node: Node) -> str:
+    """A node's name and what it is: its op target, or its fx op."""
+    if node.op == "call_function":
+        return f"{node.name}\n{_target_name(node)}"
+    return node.name if node.name == node.op else f"{node.name}\n{node.op}"
+
+
 def _dot_label(node: Node, by_id: dict[int, SymmetryClass] | None) -> str:
     if node.op == "placeholder":
         head = f"{node.name}\n{node.meta.get(META_ROLE, 'input')}"
-    elif node.op == "call_function":
-        head = f"{node.name}\n{_target_name(node)}"
     else:
-        head = node.name if node.name == node.op else f"{node.name}\n{node.op}"
+        head = _dot_head(node)
     detail = (_node_axes_text(node, by_id) if by_id is not None else "") or _shape_text(node.meta.get("val"))
     site = node.meta.get(META_SITE) if by_id is not None else None
     if isinstance(site, Site):
@@ -479,12 +484,7 @@ def render_rewritten_dot(compiled: "CompiledModel") -> str:
     view = _Rewritten(compiled)
 
     def label(node: Node) -> str:
-        if node.op == "call_function":
-            head = f"{node.name}\n{_target_name(node)}"
-        elif node.op == "get_attr":
-            head = f"{node.name}\nget_attr"
-        else:
-            head = node.name if node.name == node.op else f"{node.name}\n{node.op}"
+        head = _dot_head(node)
         detail = _shape_text(view.value(node))
         report = view.early.get(node)
         if is_early_exit(node):

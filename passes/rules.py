@@ -135,7 +135,7 @@ def _dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
 
-def _unite_broadcast(ctx: RuleContext, node: Node, value: Any, out: list[list[int]]) -> None:
+def unite_broadcast(ctx: RuleContext, node: Node, value: Any, out: list[list[int]]) -> None:
     """Unite the axes of ``value`` with ``out``'s, aligned from the right (numpy broadcasting)."""
     ax = ctx.axes(value)
     if ax is None:
@@ -176,7 +176,7 @@ def elementwise(ctx: RuleContext, node: Node) -> None:
     if out is None:
         return
     for value in ctx.tensor_inputs(node):
-        _unite_broadcast(ctx, node, value, out)
+        unite_broadcast(ctx, node, value, out)
 
 
 @rule(aten.ones, aten.zeros, aten.full, aten.empty, aten.new_ones, aten.new_zeros,

@@ -9,7 +9,7 @@ import re
 import torch
 from torch.fx import Node
 
-from .rules import RuleContext, _unite_broadcast, rule
+from .rules import RuleContext, unite_broadcast, rule
 
 aten = torch.ops.aten
 
@@ -68,7 +68,7 @@ def linear(ctx: RuleContext, node: Node) -> None:
     if len(ax_w) == 2:
         ctx.unite(ax_y[-1], ax_w[0], node)
     if ctx.axes(b) is not None:
-        _unite_broadcast(ctx, node, b, ax_y)
+        unite_broadcast(ctx, node, b, ax_y)
 
 
 def _matmul_axes(ctx: RuleContext, node: Node, a: Node, b: Node, y: list[list[int]]) -> None:
@@ -102,7 +102,7 @@ def addmm(ctx: RuleContext, node: Node) -> None:
     bias, a, b = node.args[0], node.args[1], node.args[2]
     y = ctx.axes(node)
     _matmul_axes(ctx, node, a, b, y)
-    _unite_broadcast(ctx, node, bias, y)
+    unite_broadcast(ctx, node, bias, y)
 
 
 @rule(aten.einsum)
