@@ -133,6 +133,30 @@ def test_relu_matmul_matches_the_direct_test():
     assert torch.equal(z == 0, expected)
 
 
+
+@pytest.mark.parametrize("groups,unit", [(1, 1), (2, 1), (1, 2), (2, 3)])
+def test_relu_conv2d_matches_the_direct_test(groups, unit):
+    """The conv kernel's decisions equal the textbook statistic over per-term convolutions
+    (term i = ``unit`` input channels of each group, whole window)."""
+    torch.manual_seed(4)
+    n, k, cout_g = 12, 5, 3
+    cin_g, cout = n * unit, groups * cout_g
+    x, w = torch.randn(2, groups * cin_g, 7, 7), torch.randn(cout, cin_g, 3, 3)
+    scale = torch.rand(cout) + 0.5
+    offset = torch.randn(2, cout, 4, 4)
+    crit = NormalDist().inv_cdf(0.2)
+    z = kernels.relu_conv2d(x, w, scale, offset, [2, 2], [1, 1], [1, 1], groups, unit, k, kernels.STATS, crit,
+                            new_counters())
+    xg, wg = x.view(2, groups, cin_g, 7, 7), w.view(groups, cout_g, cin_g, 3, 3)
+    terms = torch.stack([
+        torch.cat([F.conv2d(xg[:, gi, i * unit:(i + 1) * unit], wg[gi, :, i * unit:(i + 1) * unit], None, 2, 1)
+                   for gi in range(groups)], 1) for i in range(k)], -1)  # [2, cout, 4, 4, k]
+    terms = scale.view(1, -1, 1, 1, 1) * terms + offset.unsqueeze(-1) / n
+    mean, sd = terms.mean(-1), terms.std(-1)
+    expected = mean < crit * sd / math.sqrt(k) * math.sqrt((n - k) / (n - 1))
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(z == 0, expected)
+
 def _head_data(rows: int, classes: int, n: int, seed: int):
     """Exchangeable head terms x_i * w_ci (i.i.d. over i): the row's sign picks the class
     with the largest or the smallest mean weight; the row's mean sets its margin."""
