@@ -211,9 +211,23 @@ def weights_fingerprint(model: torch.nn.Module) -> dict[str, list]:
     return out
 
 
+def _mm_flops(a: torch.Tensor, b: torch.Tensor, *, out_val=None, **_) -> int:
+    """2 x MACs of ``a @ b``; a sparse operand contributes its stored entries only (the
+    stock formula counts a sparse adjacency as dense)."""
+    if a.layout != torch.strided:
+        return 2 * a._nnz() * b.shape[-1]
+    if b.layout != torch.strided:
+        return 2 * b._nnz() * a.shape[0]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+_mm_flops._get_raw = True  # FlopCounterMode passes tensors, not shapes
+
+
 def dense_flops(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
-    """FLOPs of one eager call, counted by torch.utils.flop_counter."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs of one eager call, counted by torch.utils.flop_counter (sparse @ dense counted
+    by stored entries)."""
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mm: _mm_flops})
     with torch.no_grad(), counter:
         model(*args, **kwargs)
     return float(counter.get_total_flops())
