@@ -122,7 +122,7 @@ def _site_saving(compiled: CompiledModel, site: str) -> float:
 def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], metric: Metric | None = None,
               max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
               test: str = "stats", thresholds: Sequence[float] = (-0.02, -0.01, 0.0),
-              profile_fraction: float = 0.25, margin: float = 1.0, seed: int = 0,
+              profile_fraction: float = 0.25, margin: float = 1.0, seed: int = 0, stages: int = 1,
               progress: bool = True) -> Calibration:
     """Calibrate ``compiled`` (from :func:`exprune_fx.compile`) on ``data``, an iterable of
     ``(inputs, labels)`` batches (or a callable returning one). ``metric(outputs, labels)``
@@ -132,7 +132,8 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     their scale is model-specific). A step is kept when its drop plus ``margin`` standard
     errors (estimated from the batch-to-batch spread of the paired drops) stays within
     ``max_drop``: small calibration sets otherwise accept drops that were zero by chance.
-    See the module docstring."""
+    ``stages > 1`` calibrates the sequential test (ReLU sites test at k, then the outputs
+    left undecided at 2k, 4k, ...). See the module docstring."""
     if not isinstance(compiled, CompiledModel) or getattr(compiled, "source_model", None) is None:
         raise InputError("calibrate() takes what exprune_fx.compile returned (it recompiles the source model)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop and math.isfinite(max_drop)):
@@ -143,6 +144,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
         raise InputError(f"profile_fraction must be in (0, 1] (got {profile_fraction!r})")
     if test not in ("stats", "threshold"):
         raise InputError(f"test must be 'stats' or 'threshold' (got {test!r})")
+    Config(stages=stages)  # validates
     grid = _Grid("alpha", tuple(alphas), 0.0) if test == "stats" else _Grid("threshold", tuple(thresholds), -math.inf)
     for value in grid.values:
         Config(**{grid.setting: value})  # validates
@@ -162,7 +164,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
 
     dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)
-    base = Config(k=min(ks), test=test, **{grid.setting: grid.off})
+    base = Config(k=min(ks), test=test, stages=stages, **{grid.setting: grid.off})
     candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, base, grid, progress)
     config, steps = _allocate(build, evaluate, base, candidates, dense_batches, max_drop, margin, grid, progress)
 

@@ -127,13 +127,15 @@ class CompiledModel(torch.nn.Module):
             executed = c["partial"] + c["test"] + c["remainder"]
             sites[report.name] = {
                 "kind": report.kind, "decision": report.decision, "n": report.n, "k": report.k,
-                "test": report.test, "calls": int(c["calls"]), "outputs": int(c["outputs"]),
+                "stages": report.stages, "test": report.test, "calls": int(c["calls"]), "outputs": int(c["outputs"]),
                 "pruned": int(c["pruned"]),
                 "prune_rate": c["pruned"] / c["outputs"] if c["outputs"] else 0.0,
                 "dense_macs": c["dense"], "executed_macs": executed, "partial_macs": c["partial"],
                 "test_macs": c["test"], "remainder_macs": c["remainder"], "computed_macs": c["computed"],
                 # a perfect sign predictor at this k skips the remainder of every negative output
-                "oracle_saved_macs": c["negative"] * (c["dense"] - c["partial"]) / c["outputs"] if c["outputs"] else 0.0,
+                # (at the first stage's k: the same share k/n of every output's terms)
+                "oracle_saved_macs": c["negative"] * c["dense"] / c["outputs"] * (1 - report.k / report.n)
+                if c["outputs"] else 0.0,
             }
             site_dense += c["dense"]
             site_executed += executed

@@ -6,8 +6,12 @@
   ``mean < threshold``).
 * ``alpha`` in [0, 0.5] for the stats test (0 prunes nothing); ``threshold`` any float,
   plus or minus infinity allowed (+inf prunes every decided output, -inf nothing).
+* ``stages`` (default 1): the sequential test. ReLU sites test at k terms, then test the
+  outputs left undecided again at 2k, 4k, ... (``stages`` tests in all, each below n),
+  each at the same critical value (an output's false-prune probability is at most
+  ``stages`` times one test's). Argmax sites test once.
 * ``sites``: per-site overrides keyed by site name, each a :class:`SiteConfig` or a dict
-  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``.
+  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``, ``stages``.
 
 For an argmax (dominance) site, ``alpha`` is the family-wise error of the row's decision,
 split over the other classes by Bonferroni; ``threshold`` is a margin on the mean per-term
@@ -51,6 +55,11 @@ def _check_threshold(threshold: Any, where: str) -> None:
         raise InputError(f"{where}.threshold must be a float, +/-inf allowed (got {threshold!r})")
 
 
+def _check_stages(stages: Any, where: str) -> None:
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+        raise InputError(f"{where}.stages must be an integer in [1, 8] (got {stages!r})")
+
+
 def _check_test(test: Any, where: str) -> None:
     if test not in TESTS:
         raise InputError(f"{where}.test must be one of {TESTS} (got {test!r})")
@@ -65,6 +74,7 @@ class SiteConfig:
     test: str | None = None
     alpha: float | None = None
     threshold: float | None = None
+    stages: int | None = None
 
     def __post_init__(self):
         where = "SiteConfig"
@@ -78,6 +88,8 @@ class SiteConfig:
             _check_alpha(self.alpha, where)
         if self.threshold is not None:
             _check_threshold(self.threshold, where)
+        if self.stages is not None:
+            _check_stages(self.stages, where)
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ class ResolvedSiteConfig:
     test: str
     alpha: float
     threshold: float
+    stages: int = 1
 
     @property
     def critical(self) -> float:
@@ -113,9 +126,11 @@ class Config:
     alpha: float = 0.05
     threshold: float = 0.0
     sites: Mapping[str, SiteConfig] = field(default_factory=dict)
+    stages: int = 1
 
     def __post_init__(self):
         _check_k(self.k, "Config")
+        _check_stages(self.stages, "Config")
         _check_test(self.test, "Config")
         _check_alpha(self.alpha, "Config")
         _check_threshold(self.threshold, "Config")
@@ -137,7 +152,8 @@ class Config:
         sc = self.sites.get(name, SiteConfig())
         pick = lambda v, d: d if v is None else v  # noqa: E731
         return ResolvedSiteConfig(pick(sc.enabled, True), pick(sc.k, self.k), pick(sc.test, self.test),
-                                  pick(sc.alpha, self.alpha), pick(sc.threshold, self.threshold))
+                                  pick(sc.alpha, self.alpha), pick(sc.threshold, self.threshold),
+                                  pick(sc.stages, self.stages))
 
     def with_site(self, name: str, **settings: Any) -> "Config":
         """A copy with ``settings`` overriding site ``name``."""

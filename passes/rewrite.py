@@ -64,6 +64,7 @@ class SiteReport:
     counters: str | None = None  # buffer name of the site's counters on the graph module
     critical: str | None = None  # buffer name of the site's critical value (0-d tensor)
     classes: int | None = None  # output features of an argmax site (for its Bonferroni z)
+    stages: int = 1  # sequential test stages (k, 2k, ...); argmax sites test once
 
 
 class NotRewritable(Exception):
@@ -76,7 +77,8 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
     lifted_nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
     for index, site in enumerate(analysis.sites):
         cfg = config.for_site(site.name)
-        base = dict(name=site.name, kind=site.kind, decision=site.decision, n=site.n, k=cfg.k, test=cfg.test)
+        base = dict(name=site.name, kind=site.kind, decision=site.decision, n=site.n, k=cfg.k, test=cfg.test,
+                    stages=cfg.stages if site.decision == "relu" else 1)
         reason = _precheck(site, cfg)
         if reason is None:
             try:
@@ -342,11 +344,10 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
     if site.decision == "relu":
-        target, critical = torch.ops.exprune.relu_matmul.default, cfg.critical
-    else:
-        target, critical = torch.ops.exprune.argmax_matmul.default, cfg.dominance_critical(features)
-    return builder.call(target, x, w_node, scale, offset, before * after, cfg.k, test,
-                        _critical(builder, critical), counters)
+        return builder.call(torch.ops.exprune.relu_matmul.default, x, w_node, scale, offset, before * after, cfg.k,
+                            test, _critical(builder, cfg.critical), counters, cfg.stages)
+    return builder.call(torch.ops.exprune.argmax_matmul.default, x, w_node, scale, offset, before * after, cfg.k,
+                        test, _critical(builder, cfg.dominance_critical(features)), counters)
 
 
 def _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test) -> Node:
@@ -366,7 +367,7 @@ def _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test) -> Node:
     counters = builder.buffer("counters", new_counters(_device(builder.gm)))
     weight = builder.call(aten.transpose.int, right, -1, -2)
     return builder.call(torch.ops.exprune.relu_matmul.default, x, weight, scale, offset, after, cfg.k, test,
-                        _critical(builder, cfg.critical), counters)
+                        _critical(builder, cfg.critical), counters, cfg.stages)
 
 
 def _critical(builder: _Builder, value: float) -> Node:
@@ -411,7 +412,7 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     counters = builder.buffer("counters", new_counters(_device(gm)))
     return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, pair(stride),
                         pair(padding), pair(dilation), groups, unit, cfg.k, test,
-                        _critical(builder, cfg.critical), counters)
+                        _critical(builder, cfg.critical), counters, cfg.stages)
 
 
 def _site_factors(lifted_node: Node) -> tuple:

@@ -58,6 +58,17 @@ def test_threshold_search(setup):
     assert result.config.test == "threshold"
 
 
+def test_sequential_test_calibration(setup):
+    """stages=3: the chosen config carries the stages, the budget holds on the split."""
+    model, val, _ = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4])
+    result = exprune_fx.calibrate(compiled, val[:4], max_drop=0.01, ks=(8,), alphas=(0.05, 0.2), stages=3,
+                                  progress=False)
+    assert result.config.stages == 3 and result.report["metric_drop"] <= 0.01
+    sites = result.compiled.exprune_stats()["sites"]
+    assert sites and all(s["stages"] == 3 for s in sites.values())
+
+
 def test_bad_arguments(setup):
     model, val, _ = setup
     compiled = exprune_fx.compile(model, val[0][0][:4])
@@ -69,6 +80,8 @@ def test_bad_arguments(setup):
         exprune_fx.calibrate(compiled, [torch.zeros(3)])
     with pytest.raises(InputError, match="margin"):
         exprune_fx.calibrate(compiled, val, margin=-1)
+    with pytest.raises(InputError, match="stages"):
+        exprune_fx.calibrate(compiled, val, stages=0)
     with pytest.raises(InputError, match="test must be"):
         exprune_fx.calibrate(compiled, val, test="oracle")
     with pytest.raises(InputError, match="what exprune_fx.compile returned"):

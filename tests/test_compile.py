@@ -9,6 +9,7 @@ import torch
 from archgen import architectures
 from trained import trained_mlp
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import exprune_fx
@@ -16,6 +17,7 @@ from exprune_fx import Config, ExPruneWarning, InputError
 from exprune_fx.zoo import gcn, mlp, residual_cnn
 
 NEVER = Config(alpha=0.0, k=2)
+NEVER_STAGED = Config(alpha=0.0, k=2, stages=3)
 EVERYTHING = Config(test="threshold", threshold=math.inf, k=2)
 
 
@@ -43,12 +45,12 @@ def op_outputs(compiled, x):
 
 
 @settings(max_examples=60)
-@given(architectures())
-def test_never_prune_is_equivalent(arch):
+@given(architectures(), st.sampled_from([NEVER, NEVER_STAGED]))
+def test_never_prune_is_equivalent(arch, config):
     model, x = arch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExPruneWarning)
-        compiled = exprune_fx.compile(model, x, NEVER)
+        compiled = exprune_fx.compile(model, x, config)
     for batch in (x, torch.cat([x, -x, 2 * x])):
         torch.testing.assert_close(run(compiled, batch), run(model, batch), rtol=1e-5, atol=1e-5)
     stats = compiled.exprune_stats()

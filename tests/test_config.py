@@ -20,6 +20,9 @@ from exprune_fx import Config, InputError, SiteConfig
     ({"sites": {"linear": {"alpha": 1}}}, r"SiteConfig\.alpha"),
     ({"sites": {"linear": {"enable": False}}}, r"unknown settings \['enable'\]"),
     ({"sites": {"linear": 3}}, r"SiteConfig or a dict"),
+    ({"stages": 0}, r"Config\.stages must be an integer in \[1, 8\]"),
+    ({"stages": 2.0}, r"Config\.stages"),
+    ({"sites": {"linear": {"stages": 9}}}, r"SiteConfig\.stages"),
 ])
 def test_bad_values_are_refused(kwargs, match):
     with pytest.raises(InputError, match=match):

@@ -157,6 +157,70 @@ def test_relu_conv2d_matches_the_direct_test(groups, unit):
     assert 0 < expected.sum() < expected.numel()
     assert torch.equal(z == 0, expected)
 
+
+def _textbook_prunes(terms: torch.Tensor, n: int, k: int, crit: float) -> torch.Tensor:
+    """The stats test on the first k of the per-term values ``terms[..., i]``."""
+    mean, sd = terms[..., :k].mean(-1), terms[..., :k].std(-1)
+    return mean < crit * sd / math.sqrt(k) * math.sqrt((n - k) / (n - 1))
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 4), st.integers(1, 9), st.sampled_from([1, 2]), st.integers(2, 4), st.data())
+def test_sequential_test_matches_the_textbook_stages(rows, outputs, unit, stages, data):
+    """With stages, an output is pruned iff the test at some k, 2k, 4k, ... says so; the
+    outputs kept are exact; the counters charge each output the terms it consumed."""
+    torch.manual_seed(data.draw(st.integers(0, 1000)))
+    n, k = data.draw(st.integers(9, 40)), data.draw(st.integers(2, 4))
+    x, w = torch.randn(rows, n * unit), torch.randn(outputs, n * unit)
+    scale, offset = torch.rand(outputs) + 0.5, torch.randn(rows, outputs)
+    crit = NormalDist().inv_cdf(data.draw(st.floats(0.01, 0.4)))
+    c = new_counters()
+    z = kernels.relu_matmul(x, w, scale, offset, unit, k, kernels.STATS, crit, c, stages)
+    terms = (x.view(rows, 1, n, unit) * w.view(1, outputs, n, unit)).sum(-1)
+    terms = scale[None, :, None] * terms + offset[:, :, None] / n
+    ks = kernels.stage_ks(k, n, stages)
+    expected = torch.zeros(rows, outputs, dtype=torch.bool)
+    used = torch.zeros(rows, outputs)
+    for kk in ks:
+        used = torch.where(expected, used, float(kk))
+        expected |= _textbook_prunes(terms, n, kk, crit)
+    assert torch.equal(z == 0, expected)
+    dense = terms.sum(-1)
+    torch.testing.assert_close(z[~expected], dense[~expected], rtol=1e-4, atol=1e-4)
+    counts = read(c)
+    assert counts["partial"] == pytest.approx(float(used.sum()) * unit)
+    kept = ~expected
+    assert counts["remainder"] == pytest.approx(float((n * unit - used[kept] * unit).sum()))
+
+
+def test_sequential_conv_matches_single_stage_decisions_at_each_k():
+    """Conv with stages: pruned iff the single-stage kernel at some stage's k prunes."""
+    torch.manual_seed(5)
+    x, w = torch.randn(2, 24, 6, 6), torch.randn(5, 24, 3, 3)
+    scale, offset = torch.rand(5) + 0.5, torch.randn(2, 5, 6, 6)
+    crit = NormalDist().inv_cdf(0.1)
+    args = ([1, 1], [1, 1], [1, 1], 1, 1)
+    z = kernels.relu_conv2d(x, w, scale, offset, *args, 3, kernels.STATS, crit, new_counters(), 3)
+    expected = torch.zeros_like(z, dtype=torch.bool)
+    for kk in (3, 6, 12):
+        expected |= kernels.relu_conv2d(x, w, scale, offset, *args, kk, kernels.STATS, crit, new_counters()) == 0
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(z == 0, expected)
+    dense = F.conv2d(x, w, None, 1, 1) * scale.view(1, -1, 1, 1) + offset
+    torch.testing.assert_close(z[~expected], dense[~expected], rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_counts_never_and_always():
+    x, w = torch.randn(3, 64), torch.randn(5, 64)
+    c = new_counters()
+    kernels.relu_matmul(x, w, torch.ones(5), None, 1, 8, kernels.STATS, NEVER, c, 3)  # 8, 16, 32: all go on
+    counts = read(c)
+    assert counts["partial"] == 15 * 32 and counts["test"] == 15 * (32 + 3 * 4) and counts["remainder"] == 15 * 32
+    c = new_counters()
+    kernels.relu_matmul(x, w, torch.ones(5), None, 1, 8, kernels.THRESHOLD, ALWAYS, c, 3)  # all stop at 8
+    counts = read(c)
+    assert counts["partial"] == 15 * 8 and counts["test"] == 15 * 2 and counts["remainder"] == 0
+
 def _head_data(rows: int, classes: int, n: int, seed: int):
     """Exchangeable head terms x_i * w_ci (i.i.d. over i): the row's sign picks the class
     with the largest or the smallest mean weight; the row's mean sets its margin."""

@@ -84,19 +84,33 @@ def _term_sums(xk: torch.Tensor, wk: torch.Tensor, k: int, unit: int, test: int)
     return s1, s2
 
 
-def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats):
+def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats,
+                stages: int = 1):
     """Early negative prediction for ``x @ weight.T`` (x [..., K], weight [N, K]), or for a
-    batched product ``x @ weight.transpose(-1, -2)`` (weight [..., N, K], a run-time value)."""
+    batched product ``x @ weight.transpose(-1, -2)`` (weight [..., N, K], a run-time value).
+    ``stages > 1`` tests the outputs left undecided again at 2k, 4k, ... terms."""
     if weight.dim() > 2:
-        return _relu_batched(x, weight, scale, offset, unit, k, test, critical, stats)
+        return _relu_batched(x, weight, scale, offset, unit, k, test, critical, stats, stages)
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, big_k)
-    m, n, ku = x2.shape[0], big_k // unit, k * unit
-    s1, s2 = _term_sums(x2[:, :ku], weight[:, :ku], k, unit, test)
+    m, n = x2.shape[0], big_k // unit
+    ks = stage_ks(k, n, stages)
+    s1, s2 = _term_sums(x2[:, :k * unit], weight[:, :k * unit], k, unit, test)
     c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     a = scale.to(x2.dtype)
-    pruned = _decide_negative(a * s1 / k + c / n, s1, s2, a, k, n, test, critical)
+    computed = [m * n_out * k * unit]
+
+    def more(lo: int, hi: int, undecided) -> None:  # terms lo..hi for the columns still undecided
+        cols = undecided.any(0).nonzero().squeeze(1)
+        d1, d2 = _term_sums(x2[:, lo * unit:hi * unit], weight[cols, lo * unit:hi * unit], hi - lo, unit, test)
+        s1[:, cols] += d1
+        if s2 is not None:
+            s2[:, cols] += d2
+        computed[0] += m * cols.numel() * (hi - lo) * unit
+
+    pruned, used, tested = _staged_test(s1, s2, a, c, n, test, critical, ks, more)
     keep = ~pruned
+    ku = ks[-1] * unit  # every output still kept has consumed this many terms
     cols = keep.any(0).nonzero().squeeze(1)
     out = torch.zeros(m, n_out, dtype=x2.dtype, device=x2.device)
     rest_macs = 0
@@ -109,92 +123,154 @@ def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical
         z = a[cols] * (s1[:, cols] + x2[:, ku:] @ weight[cols, ku:].T) + cc
         out[:, cols] = torch.where(keep[:, cols], z, 0)
         rest_macs = m * cols.numel() * (big_k - ku)
-    _count_relu(stats, m * n_out, pruned, big_k, ku, k, test, rest_macs, out)
+    _count_relu(stats, pruned, used, tested, unit, big_k, test, computed[0] + rest_macs, out)
     return out.reshape(lead + (n_out,))
 
 
-def _relu_batched(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats):
+def stage_ks(k: int, n: int, stages: int) -> list[int]:
+    """The term counts tested in turn: k, 2k, 4k, ... (``stages`` of them, each below n).
+
+    >>> stage_ks(8, 64, 3), stage_ks(8, 20, 3)
+    ([8, 16, 32], [8, 16])
+    """
+    ks = [k]
+    while len(ks) < stages and 2 * ks[-1] < n:
+        ks.append(2 * ks[-1])
+    return ks
+
+
+def _staged_test(s1, s2, a, c, n: int, test: int, critical: float, ks: list[int], more):
+    """The sequential test: decide at ``ks[0]`` terms; the outputs left undecided are tested
+    again at each next k, after ``more(lo, hi, undecided)`` has added the sums of terms
+    ``lo..hi`` into ``s1``/``s2`` for (at least) them. Every stage is a test at the same
+    critical value, so an output's false-prune probability is at most ``len(ks)`` times one
+    stage's. Returns the pruned mask, the terms each output consumed, and its test count."""
+    k = ks[0]
+    pruned = _decide_negative(a * s1 / k + c / n, s1, s2, a, k, n, test, critical)
+    used = torch.full(pruned.shape, float(k), device=pruned.device)
+    tested = torch.ones(pruned.shape, device=pruned.device)
+    for lo, hi in zip(ks, ks[1:]):
+        undecided = ~pruned
+        if not bool(undecided.any()):
+            break
+        more(lo, hi, undecided)
+        pruned = pruned | undecided & _decide_negative(a * s1 / hi + c / n, s1, s2, a, hi, n, test, critical)
+        used = torch.where(undecided, float(hi), used)
+        tested = tested + undecided
+    return pruned, used, tested
+
+
+def _batched_term_sums(xk, wk, k: int, unit: int, test: int):
+    if test == THRESHOLD:
+        return xk @ wk.transpose(-1, -2), None
+    if unit == 1:
+        return xk @ wk.transpose(-1, -2), (xk * xk) @ (wk * wk).transpose(-1, -2)
+    t = torch.einsum("...mku,...nku->...kmn", xk.unflatten(-1, (k, unit)), wk.unflatten(-1, (k, unit)))
+    return t.sum(-3), (t * t).sum(-3)
+
+
+def _relu_batched(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats, stages: int):
     """Batched products (both operands run-time values): every output's remainder is
     computed by one batched matmul and masked, since no dense kernel skips columns per batch."""
     big_k = x.shape[-1]
-    n, ku = big_k // unit, k * unit
-    xk, wk = x[..., :ku], weight[..., :ku]
-    if test == THRESHOLD:
-        s1, s2 = xk @ wk.transpose(-1, -2), None
-    elif unit == 1:
-        s1, s2 = xk @ wk.transpose(-1, -2), (xk * xk) @ (wk * wk).transpose(-1, -2)
-    else:
-        t = torch.einsum("...mku,...nku->...kmn", xk.unflatten(-1, (k, unit)), wk.unflatten(-1, (k, unit)))
-        s1, s2 = t.sum(-3), (t * t).sum(-3)
+    n = big_k // unit
+    ks = stage_ks(k, n, stages)
+    s1, s2 = _batched_term_sums(x[..., :k * unit], weight[..., :k * unit], k, unit, test)
     a = scale.to(x.dtype)
     c = torch.zeros((), dtype=x.dtype, device=x.device) if offset is None else offset.to(x.dtype).expand_as(s1)
-    pruned = _decide_negative(a * s1 / k + c / n, s1, s2, a, k, n, test, critical)
+
+    def more(lo: int, hi: int, undecided) -> None:  # every output: the batched kernel cannot skip
+        d1, d2 = _batched_term_sums(x[..., lo * unit:hi * unit], weight[..., lo * unit:hi * unit], hi - lo, unit, test)
+        s1.add_(d1)
+        if s2 is not None:
+            s2.add_(d2)
+
+    pruned, used, tested = _staged_test(s1, s2, a, c, n, test, critical, ks, more)
+    ku = ks[-1] * unit
     z = a * (s1 + x[..., ku:] @ weight[..., ku:].transpose(-1, -2)) + c
-    outputs = s1.numel()
     out = torch.where(pruned, torch.zeros((), dtype=z.dtype, device=z.device), z)
-    _count_relu(stats, outputs, pruned, big_k, ku, k, test, outputs * (big_k - ku), out)
+    _count_relu(stats, pruned, used, tested, unit, big_k, test, s1.numel() * big_k, out)
     return out
 
 
-def _count_relu(stats, outputs: int, pruned, big_k: int, ku: int, k: int, test: int, rest_macs: int, out):
-    test_per_output = k + 4 if test == STATS else 2
-    kept = outputs - pruned.sum()
-    add(stats, calls=1, outputs=outputs, pruned=pruned.sum(), dense=outputs * big_k,
-        partial=outputs * ku, test=outputs * test_per_output, remainder=kept * (big_k - ku),
-        computed=outputs * (ku + test_per_output) + rest_macs, negative=(out < 0).sum())
+def _count_relu(stats, pruned, used, tested, term_macs: int, big_k: int, test: int, computed, out):
+    """Counters of a ReLU site: ``used`` terms (``term_macs`` MACs each) and ``tested`` tests
+    per output; the stats test accumulates one squared term per term used plus 4 per test."""
+    outputs = pruned.numel()
+    used_macs = used.sum() * term_macs
+    test_macs = used.sum() + 4 * tested.sum() if test == STATS else 2 * tested.sum()
+    kept_unused = torch.where(pruned, 0.0, big_k - used * term_macs).sum()
+    add(stats, calls=1, outputs=outputs, pruned=pruned.sum(), dense=outputs * big_k, partial=used_macs,
+        test=test_macs, remainder=kept_unused, computed=computed + test_macs, negative=(out < 0).sum())
 
 
 def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int, unit: int, k: int,
-                test: int, critical: float, stats):
+                test: int, critical: float, stats, stages: int = 1):
     """Early negative prediction for a 2-d convolution; a term is ``unit`` input channels'
-    whole window contribution, counted within each group."""
+    whole window contribution, counted within each group. ``stages > 1`` tests the outputs
+    left undecided again at 2k, 4k, ... terms (for the channels that have any)."""
     b, cin, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape
     g, cout_g = groups, cout // groups
-    n, kc = cin_g // unit, k * unit
+    n = cin_g // unit
+    ks = stage_ks(k, n, stages)
     xg = x.view(b, g, cin_g, h, w)
     wg = weight.view(g, cout_g, cin_g, kh, kw)
-    if test == THRESHOLD:  # the sum alone: one grouped convolution over the first k terms
-        xk = xg[:, :, :kc].reshape(b, g * kc, h, w)
-        s1 = F.conv2d(xk, wg[:, :, :kc].reshape(cout, kc, kh, kw), None, stride, padding, dilation, g)
-        s2, out_hw = None, s1.shape[-2:]
-    else:
-        s1, s2 = _conv_term_sums(xg[:, :, :kc], wg[:, :, :kc], k, unit, stride, padding, dilation)
-        out_hw = s1.shape[-2:]
-    outputs = s1.numel()
+    s1, s2 = _conv_term_sums(xg[:, :, :k * unit], wg[:, :, :k * unit], k, unit, test, stride, padding, dilation)
+    out_hw = s1.shape[-2:]
+    per_map = b * out_hw[0] * out_hw[1] * kh * kw  # MACs per output channel and input channel
+    computed = [cout * k * unit * per_map]
     a = scale.to(x.dtype).view(1, cout, 1, 1)
     c = torch.zeros((), dtype=x.dtype, device=x.device) if offset is None else offset.to(x.dtype).expand_as(s1)
-    pruned = _decide_negative(a * s1 / k + c / n, s1, s2, a, k, n, test, critical)
+
+    def more(lo: int, hi: int, undecided) -> None:  # terms lo..hi, for channels still undecided
+        part = slice(lo * unit, hi * unit)
+        if g == 1:
+            chans = undecided.any(3).any(2).any(0).nonzero().squeeze(1)
+            d1, d2 = _conv_term_sums(xg[:, :, part], wg[:, chans][:, :, part], hi - lo, unit, test, stride, padding,
+                                     dilation)
+        else:  # grouped: every channel (a subset would break the groups' layout)
+            chans = torch.arange(cout, device=x.device)
+            d1, d2 = _conv_term_sums(xg[:, :, part], wg[:, :, part], hi - lo, unit, test, stride, padding, dilation)
+        s1[:, chans] += d1
+        if s2 is not None:
+            s2[:, chans] += d2
+        computed[0] += chans.numel() * (hi - lo) * unit * per_map
+
+    pruned, used, tested = _staged_test(s1, s2, a, c, n, test, critical, ks, more)
     keep = ~pruned
+    kc = ks[-1] * unit  # input channels (per group) every kept output has consumed
     chans = keep.any(3).any(2).any(0).nonzero().squeeze(1)
     out = torch.zeros_like(s1)
-    per_output = (cin_g - kc) * kh * kw
-    rest_macs = 0
+    rest = 0
     if chans.numel() and (g > 1 or chans.numel() == cout):
         x_rest = xg[:, :, kc:].reshape(b, g * (cin_g - kc), h, w)
         w_rest = wg[:, :, kc:].reshape(cout, cin_g - kc, kh, kw)
         z = a * (s1 + F.conv2d(x_rest, w_rest, None, stride, padding, dilation, g)) + c
         out = torch.where(keep, z, out)
-        rest_macs = outputs * per_output
+        rest = cout * (cin_g - kc) * per_map
     elif chans.numel():
-        rest = F.conv2d(x[:, kc:], weight[chans, kc:], None, stride, padding, dilation, 1)
+        z = F.conv2d(x[:, kc:], weight[chans, kc:], None, stride, padding, dilation, 1)
         cc = c if c.dim() == 0 else c[:, chans]
-        z = a[:, chans] * (s1[:, chans] + rest) + cc
+        z = a[:, chans] * (s1[:, chans] + z) + cc
         out[:, chans] = torch.where(keep[:, chans], z, 0)
-        rest_macs = b * chans.numel() * out_hw[0] * out_hw[1] * per_output
-    _count_relu(stats, outputs, pruned, cin_g * kh * kw, kc * kh * kw, k, test, rest_macs, out)
+        rest = chans.numel() * (cin_g - kc) * per_map
+    _count_relu(stats, pruned, used, tested, unit * kh * kw, cin_g * kh * kw, test, computed[0] + rest, out)
     return out
 
 
-def _conv_term_sums(xk, wk, k: int, unit: int, stride, padding, dilation):
+def _conv_term_sums(xk, wk, k: int, unit: int, test: int, stride, padding, dilation):
     """Sum and sum of squares of the k terms per conv output: xk [B, G, k*unit, H, W],
-    wk [G, cout_g, k*unit, kh, kw]. The sum is one convolution; the squares accumulate term
-    by term (one small convolution per term, squared in place), so memory stays at the
-    output's size: 2-6x faster on CPU than one grouped convolution that writes all k terms."""
+    wk [G, cout_g, k*unit, kh, kw]. The sum is one convolution (all the threshold test
+    needs); the squares accumulate term by term (one small convolution per term, squared in
+    place), so memory stays at the output's size: 2-6x faster on CPU than one grouped
+    convolution that writes all k terms."""
     b, g, kc, h, w = xk.shape
     cout_g, kh, kw = wk.shape[1], wk.shape[3], wk.shape[4]
     s1 = F.conv2d(xk.reshape(b, g * kc, h, w), wk.reshape(g * cout_g, kc, kh, kw), None, stride, padding,
                   dilation, g)
+    if test == THRESHOLD:
+        return s1, None
     s2 = None
     for i in range(k):
         part = slice(i * unit, (i + 1) * unit)
@@ -202,6 +278,7 @@ def _conv_term_sums(xk, wk, k: int, unit: int, stride, padding, dilation):
                            None, stride, padding, dilation, g))
         s2 = t * t if s2 is None else s2.addcmul_(t, t)
     return s1, s2
+
 
 def argmax_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats):
     """Dominance prediction for a prediction head ``x @ weight.T`` read through argmax."""

@@ -27,13 +27,13 @@ from . import kernels
 
 @torch.library.custom_op("exprune::relu_matmul", mutates_args=("stats",))
 def relu_matmul(x: Tensor, weight: Tensor, scale: Tensor, offset: Optional[Tensor], unit: int, k: int,
-                test: int, critical: Tensor, stats: Tensor) -> Tensor:
+                test: int, critical: Tensor, stats: Tensor, stages: int = 1) -> Tensor:
     """Early negative prediction for ``x @ weight.T``; see kernels.relu_matmul."""
-    return kernels.relu_matmul(x, weight, scale, offset, unit, k, test, critical, stats)
+    return kernels.relu_matmul(x, weight, scale, offset, unit, k, test, critical, stats, stages)
 
 
 @relu_matmul.register_fake
-def _relu_matmul_fake(x, weight, scale, offset, unit, k, test, critical, stats):
+def _relu_matmul_fake(x, weight, scale, offset, unit, k, test, critical, stats, stages=1):
     if weight.dim() > 2:
         return torch.matmul(x, weight.transpose(-1, -2))
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
@@ -54,13 +54,13 @@ def _argmax_matmul_fake(x, weight, scale, offset, unit, k, test, critical, stats
 @torch.library.custom_op("exprune::relu_conv2d", mutates_args=("stats",))
 def relu_conv2d(x: Tensor, weight: Tensor, scale: Tensor, offset: Optional[Tensor], stride: list[int],
                 padding: list[int], dilation: list[int], groups: int, unit: int, k: int, test: int,
-                critical: Tensor, stats: Tensor) -> Tensor:
+                critical: Tensor, stats: Tensor, stages: int = 1) -> Tensor:
     """Early negative prediction for a 2-d convolution; see kernels.relu_conv2d."""
     return kernels.relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups, unit, k,
-                               test, critical, stats)
+                               test, critical, stats, stages)
 
 
 @relu_conv2d.register_fake
 def _relu_conv2d_fake(x, weight, scale, offset, stride, padding, dilation, groups, unit, k, test,
-                      critical, stats):
+                      critical, stats, stages=1):
     return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
