@@ -201,6 +201,23 @@ def hf_opt(seed: int = 0, batch: int = 2):
     return t.OPTForCausalLM(cfg).eval(), {**_token_inputs(batch, False), "use_cache": False}
 
 
+def opt_lm_config():
+    """The byte-level OPT language model's config (vocab 256, width 128, 2 layers, ReLU FFN 512);
+    ``benchmarks/train_lm.py`` trains it on Python sources."""
+    t = _transformers()
+    return t.OPTConfig(vocab_size=256, hidden_size=128, num_hidden_layers=2, ffn_dim=512,
+                       num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
+                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
+                       pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+
+def opt_lm(seed: int = 0):
+    """An untrained OPTForCausalLM with :func:`opt_lm_config`, in eval mode."""
+    t = _transformers()
+    _seeded(seed)
+    return t.OPTForCausalLM(opt_lm_config()).eval()
+
+
 def hf_bert(seed: int = 0, batch: int = 2):
     """BertModel (GELU FFN) with input_ids and attention_mask."""
     t = _transformers()
