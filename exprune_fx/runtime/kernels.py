@@ -112,18 +112,18 @@ def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical
     keep = ~pruned
     ku = ks[-1] * unit  # every output still kept has consumed this many terms
     cols = keep.any(0).nonzero().squeeze(1)
-    out = torch.zeros(m, n_out, dtype=x2.dtype, device=x2.device)
     rest_macs = 0
     if cols.numel() == n_out:
-        z = a * (s1 + x2[:, ku:] @ weight[:, ku:].T) + c
-        out = torch.where(keep, z, out)
+        out = torch.addcmul(c, a, (x2[:, ku:] @ weight[:, ku:].T).add_(s1)).masked_fill_(pruned, 0)
         rest_macs = m * n_out * (big_k - ku)
-    elif cols.numel():
+    else:
+        out = torch.zeros(m, n_out, dtype=x2.dtype, device=x2.device)
+    if 0 < cols.numel() < n_out:
         cc = c if c.dim() == 0 else c[:, cols]
         z = a[cols] * (s1[:, cols] + x2[:, ku:] @ weight[cols, ku:].T) + cc
         out[:, cols] = torch.where(keep[:, cols], z, 0)
         rest_macs = m * cols.numel() * (big_k - ku)
-    _count_relu(stats, pruned, used, tested, unit, big_k, test, computed[0] + rest_macs, out)
+    _count_relu(stats, pruned, used, tested, unit, big_k, test, computed[0] + rest_macs, out, k)
     return out.reshape(lead + (n_out,))
 
 
@@ -139,14 +139,22 @@ def stage_ks(k: int, n: int, stages: int) -> list[int]:
     return ks
 
 
+def _term_mean(s1, a, c, k: int, n: int):
+    """The mean of the first k folded terms, ``a * s1 / k + c / n``, in two passes."""
+    return (s1 * (a / k)).add_(c, alpha=1.0 / n)
+
+
 def _staged_test(s1, s2, a, c, n: int, test: int, critical: float, ks: list[int], more):
     """The sequential test: decide at ``ks[0]`` terms; the outputs left undecided are tested
     again at each next k, after ``more(lo, hi, undecided)`` has added the sums of terms
     ``lo..hi`` into ``s1``/``s2`` for (at least) them. Every stage is a test at the same
     critical value, so an output's false-prune probability is at most ``len(ks)`` times one
-    stage's. Returns the pruned mask, the terms each output consumed, and its test count."""
+    stage's. Returns the pruned mask and, per output, the terms consumed and the tests run
+    (both None with a single stage: every output used ``ks[0]`` terms and one test)."""
     k = ks[0]
-    pruned = _decide_negative(a * s1 / k + c / n, s1, s2, a, k, n, test, critical)
+    pruned = _decide_negative(_term_mean(s1, a, c, k, n), s1, s2, a, k, n, test, critical)
+    if len(ks) == 1:
+        return pruned, None, None
     used = torch.full(pruned.shape, float(k), device=pruned.device)
     tested = torch.ones(pruned.shape, device=pruned.device)
     for lo, hi in zip(ks, ks[1:]):
@@ -154,7 +162,7 @@ def _staged_test(s1, s2, a, c, n: int, test: int, critical: float, ks: list[int]
         if not bool(undecided.any()):
             break
         more(lo, hi, undecided)
-        pruned = pruned | undecided & _decide_negative(a * s1 / hi + c / n, s1, s2, a, hi, n, test, critical)
+        pruned = pruned | undecided & _decide_negative(_term_mean(s1, a, c, hi, n), s1, s2, a, hi, n, test, critical)
         used = torch.where(undecided, float(hi), used)
         tested = tested + undecided
     return pruned, used, tested
@@ -189,18 +197,23 @@ def _relu_batched(x, weight, scale, offset, unit: int, k: int, test: int, critic
     ku = ks[-1] * unit
     z = a * (s1 + x[..., ku:] @ weight[..., ku:].transpose(-1, -2)) + c
     out = torch.where(pruned, torch.zeros((), dtype=z.dtype, device=z.device), z)
-    _count_relu(stats, pruned, used, tested, unit, big_k, test, s1.numel() * big_k, out)
+    _count_relu(stats, pruned, used, tested, unit, big_k, test, s1.numel() * big_k, out, k)
     return out
 
 
-def _count_relu(stats, pruned, used, tested, term_macs: int, big_k: int, test: int, computed, out):
+def _count_relu(stats, pruned, used, tested, term_macs: int, big_k: int, test: int, computed, out, k: int):
     """Counters of a ReLU site: ``used`` terms (``term_macs`` MACs each) and ``tested`` tests
-    per output; the stats test accumulates one squared term per term used plus 4 per test."""
+    per output (None: ``k`` terms and one test each); the stats test accumulates one squared
+    term per term used plus 4 per test."""
     outputs = pruned.numel()
-    used_macs = used.sum() * term_macs
-    test_macs = used.sum() + 4 * tested.sum() if test == STATS else 2 * tested.sum()
-    kept_unused = torch.where(pruned, 0.0, big_k - used * term_macs).sum()
-    add(stats, calls=1, outputs=outputs, pruned=pruned.sum(), dense=outputs * big_k, partial=used_macs,
+    n_pruned = pruned.sum()
+    if used is None:
+        used_sum, tests, kept_unused = outputs * k, outputs, (outputs - n_pruned) * (big_k - k * term_macs)
+    else:
+        used_sum, tests = used.sum(), tested.sum()
+        kept_unused = torch.where(pruned, 0.0, big_k - used * term_macs).sum()
+    test_macs = used_sum + 4 * tests if test == STATS else 2 * tests
+    add(stats, calls=1, outputs=outputs, pruned=n_pruned, dense=outputs * big_k, partial=used_sum * term_macs,
         test=test_macs, remainder=kept_unused, computed=computed + test_macs, negative=(out < 0).sum())
 
 
@@ -241,21 +254,22 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     keep = ~pruned
     kc = ks[-1] * unit  # input channels (per group) every kept output has consumed
     chans = keep.any(3).any(2).any(0).nonzero().squeeze(1)
-    out = torch.zeros_like(s1)
     rest = 0
     if chans.numel() and (g > 1 or chans.numel() == cout):
         x_rest = xg[:, :, kc:].reshape(b, g * (cin_g - kc), h, w)
         w_rest = wg[:, :, kc:].reshape(cout, cin_g - kc, kh, kw)
-        z = a * (s1 + F.conv2d(x_rest, w_rest, None, stride, padding, dilation, g)) + c
-        out = torch.where(keep, z, out)
+        z = F.conv2d(x_rest, w_rest, None, stride, padding, dilation, g).add_(s1)
+        out = torch.addcmul(c, a, z).masked_fill_(pruned, 0)
         rest = cout * (cin_g - kc) * per_map
-    elif chans.numel():
+    else:
+        out = torch.zeros_like(s1)
+    if chans.numel() and not (g > 1 or chans.numel() == cout):
         z = F.conv2d(x[:, kc:], weight[chans, kc:], None, stride, padding, dilation, 1)
         cc = c if c.dim() == 0 else c[:, chans]
         z = a[:, chans] * (s1[:, chans] + z) + cc
         out[:, chans] = torch.where(keep[:, chans], z, 0)
         rest = chans.numel() * (cin_g - kc) * per_map
-    _count_relu(stats, pruned, used, tested, unit * kh * kw, cin_g * kh * kw, test, computed[0] + rest, out)
+    _count_relu(stats, pruned, used, tested, unit * kh * kw, cin_g * kh * kw, test, computed[0] + rest, out, k)
     return out
 
 
