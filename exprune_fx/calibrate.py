@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .compiler import CompiledModel, ExPruneWarning, batch_rows, compile_graph
+from .compiler import CompiledModel, ExPruneWarning, Prepared, batch_rows
 from .config import Config, SiteConfig
 from .errors import InputError
 from .lifting import normalize_inputs
@@ -157,10 +157,12 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     subset = sorted(order[: max(1, round(profile_fraction * len(batches)))])
     source, example, outputs = compiled.source_model, compiled.example_inputs, compiled.outputs
 
+    prepared = Prepared(source, example, outputs)  # lift and analyse once; each trial rewrites a copy
+
     def build(cfg: Config) -> CompiledModel:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExPruneWarning)  # trials with every site disabled are normal
-            return compile_graph(source, example, cfg, outputs, check_guards=True)
+            return prepared.compile(cfg)
 
     dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)

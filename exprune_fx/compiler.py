@@ -248,27 +248,42 @@ def compile_graph(model: torch.nn.Module, example_inputs: Any, config: Config | 
     config = Config() if config is None else config
     if not isinstance(config, Config):
         raise InputError(f"config must be an exprune_fx.Config, got {type(config).__name__}")
-    _check_environment(model, example_inputs)
-    lifted = lift(model, example_inputs, dynamic_batch=True)
-    analysis = analyze(lifted, outputs=outputs)
-    unknown = config.unknown_sites(s.name for s in analysis.sites)
-    if unknown:
-        raise InputError(f"Config.sites names unknown sites {unknown}; the sites are "
-                         f"{[s.name for s in analysis.sites]}")
-    graph_module = lifted.exported.module(check_guards=check_guards)
-    reports = rewrite_sites(graph_module, analysis, config)
-    args, kwargs = normalize_inputs(example_inputs)
-    compiled = CompiledModel(graph_module, reports, analysis, config, 0.0, (args, kwargs), lifted.dynamic_batch,
-                             analysis.outputs)
-    total = dense_flops(model, args, kwargs)
-    with torch.no_grad():
-        compiled(*args, **kwargs)  # runs the rewritten graph once, and measures its sites' work
-    site_dense = sum(2 * read(compiled._counters(r))["dense"] for r in compiled.rewritten_sites)
-    compiled._other_flops_per_row = max(total - site_dense, 0.0) / batch_rows(args, kwargs)
-    compiled.source_fingerprint = weights_fingerprint(model)
-    object.__setattr__(compiled, "source_model", model)  # for calibrate(); not a submodule
-    compiled.reset_stats()
-    if not compiled.rewritten_sites:
-        warnings.warn(f"exprune: no site was rewritten, the compiled model runs dense ({_reason_summary(reports)}); "
-                      f"compiled.report() gives every site's reason", ExPruneWarning, stacklevel=3)
-    return compiled
+    return Prepared(model, example_inputs, outputs).compile(config, check_guards, stacklevel=4)
+
+
+class Prepared:
+    """A model lifted and analysed once, to be compiled with many configs (calibration
+    compiles dozens): each :meth:`compile` rewrites a fresh copy of the exported graph."""
+
+    def __init__(self, model: torch.nn.Module, example_inputs: Any, outputs: OutputSpec):
+        _check_environment(model, example_inputs)
+        self.model = model
+        self.lifted = lift(model, example_inputs, dynamic_batch=True)
+        self.analysis = analyze(self.lifted, outputs=outputs)
+        self.args, self.kwargs = normalize_inputs(example_inputs)
+        self.total_flops = dense_flops(model, self.args, self.kwargs)
+        self.fingerprint = weights_fingerprint(model)
+
+    def compile(self, config: Config, check_guards: bool = True, stacklevel: int = 2) -> CompiledModel:
+        analysis = self.analysis
+        unknown = config.unknown_sites(s.name for s in analysis.sites)
+        if unknown:
+            raise InputError(f"Config.sites names unknown sites {unknown}; the sites are "
+                             f"{[s.name for s in analysis.sites]}")
+        graph_module = self.lifted.exported.module(check_guards=check_guards)
+        reports = rewrite_sites(graph_module, analysis, config)
+        args, kwargs = self.args, self.kwargs
+        compiled = CompiledModel(graph_module, reports, analysis, config, 0.0, (args, kwargs),
+                                 self.lifted.dynamic_batch, analysis.outputs)
+        with torch.no_grad():
+            compiled(*args, **kwargs)  # runs the rewritten graph once, and measures its sites' work
+        site_dense = sum(2 * read(compiled._counters(r))["dense"] for r in compiled.rewritten_sites)
+        compiled._other_flops_per_row = max(self.total_flops - site_dense, 0.0) / batch_rows(args, kwargs)
+        compiled.source_fingerprint = self.fingerprint
+        object.__setattr__(compiled, "source_model", self.model)  # for calibrate(); not a submodule
+        compiled.reset_stats()
+        if not compiled.rewritten_sites:
+            warnings.warn(f"exprune: no site was rewritten, the compiled model runs dense "
+                          f"({_reason_summary(reports)}); compiled.report() gives every site's reason",
+                          ExPruneWarning, stacklevel=stacklevel)
+        return compiled

@@ -361,16 +361,16 @@ def is_early_exit(node: Node) -> bool:
 def early_exit_sites(gm: GraphModule, reports: Iterable[SiteReport]) -> dict[Node, SiteReport]:
     """Each early-exit node of a rewritten graph, mapped to the report of its site.
 
-    An early-exit op's last positional argument is the ``get_attr`` of its site's counters
-    buffer, which :attr:`SiteReport.counters` names.
+    One of an early-exit op's arguments is the ``get_attr`` of its site's counters buffer,
+    which :attr:`SiteReport.counters` names.
     """
     by_counters = {r.counters: r for r in reports if r.rewritten and r.counters}
     found = {}
     for node in gm.graph.nodes:
-        if is_early_exit(node) and node.args:
-            last = node.args[-1]
-            if isinstance(last, Node) and last.op == "get_attr" and last.target in by_counters:
-                found[node] = by_counters[last.target]
+        if is_early_exit(node):
+            for arg in node.args:
+                if isinstance(arg, Node) and arg.op == "get_attr" and arg.target in by_counters:
+                    found[node] = by_counters[arg.target]
     return found
 
 
