@@ -1,6 +1,9 @@
 """Train the Fashion-MNIST CNNs the benchmarks and the demo use, reproducibly.
 
-    python benchmarks/train_cnns.py --out benchmarks/checkpoints [--epochs 1] [--seed 0]
+    python benchmarks/train_cnns.py [--out DIR] [--epochs 1] [--seed 0]
+
+Without ``--out``, the ResNet-style model (the demo's) goes to ``exprune_fx/checkpoints``
+(shipped in the package) and the VGG models to ``benchmarks/checkpoints``.
 
 Seeded (model initialisation and data order), Adam at 2e-3, batch 128, on the first 55000
 training images (the last 5000 are the validation split used for calibration); batch-norm
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from exprune_fx.datasets import load_fashion_mnist
+from exprune_fx.demo import CHECKPOINT as DEMO_CHECKPOINT
 from exprune_fx.zoo import ResidualCNN, VGGStyle
 
 MODELS = {
@@ -79,16 +83,17 @@ def train(name: str, epochs: int, seed: int) -> tuple[torch.nn.Module, dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoints")
+    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
+        out = args.out or (DEMO_CHECKPOINT.parent if name == "resnet" else Path(__file__).parent / "checkpoints")
+        out.mkdir(parents=True, exist_ok=True)
         model, info = train(name, args.epochs, args.seed)
-        torch.save(model.state_dict(), args.out / f"{name}.pt")
-        (args.out / f"{name}.json").write_text(json.dumps(info, indent=2))
+        torch.save(model.state_dict(), out / f"{name}.pt")
+        (out / f"{name}.json").write_text(json.dumps(info, indent=2))
         print(json.dumps(info))
 
 

@@ -23,9 +23,11 @@ tensors; ``--eval`` puts the model in eval mode first.
     of every input tensor (rows of bool tensors are repeated from the example).
 ``--k K --test stats|threshold --alpha A --threshold T`` (``dump --stage rewritten``, ``stats``)
     The :class:`exprune_fx.Config` to compile with (defaults: 32, stats, 0.05, 0.0).
-``exprune-fx demo [--out DIR]``
-    Analyse the shipped residual CNN, check the symmetries it found by permuting the weights,
-    and write its dumps to ``DIR`` (default ``demo-out``).
+``exprune-fx demo [--out DIR] [--val N] [--test N] [--max-drop D]``
+    The main job (:mod:`exprune_fx.demo`): calibrate the shipped ResNet-style CNN on
+    Fashion-MNIST to at most ``D`` accuracy drop (default 0.01), print the per-site table,
+    test accuracy and FLOPs reduction, and write the graph dump, plots and ``results.json``
+    to ``DIR`` (default ``demo-out``).
 
 Errors are one line on stderr starting with ``exprune-fx: error:``; the exit status is 2 for
 a bad command line (arguments, model spec, shapes, config values) and 1 when the model cannot
@@ -51,7 +53,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
@@ -64,17 +65,15 @@ from .analysis import analyze
 from .compiler import CompiledModel, ExPruneWarning
 from .compiler import compile as compile_model
 from .config import TESTS, Config
-from .dump import FORMATS, dtype_short, graphviz_available, render, render_compiled, write_dump
+from .dump import FORMATS, dtype_short, render, render_compiled, write_dump
 from .errors import ExPruneError, InputError, TrainingModeError
 from .lifting import lift, normalize_inputs
-from .symmetry import check_symmetry
 
 PROG = "exprune-fx"
 STAGES = ("lifted", "analyzed", "rewritten")
 STATS_FORMATS = ("text", "json")
 CONFIG_FLAGS = ("k", "test", "alpha", "threshold")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-DEMO_NAME = "residual_cnn"
 _SUFFIX_FORMATS = {".txt": "text", ".json": "json", ".dot": "dot", ".svg": "dot", ".png": "dot"}
 _SPEC_FORMS = "'package.module:callable' or 'path/to/file.py:callable'"
 
@@ -188,11 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(stats)
     stats.set_defaults(handler=run_stats)
 
-    demo = commands.add_parser("demo", help="analyse and symmetry-check the demo residual CNN",
-                               description="Analyse the shipped residual CNN, check its "
-                                           "symmetries and write its dumps to DIR.")
+    demo = commands.add_parser(
+        "demo", help="the main job: calibrate the shipped ResNet-style CNN on Fashion-MNIST",
+        description="Compile the shipped ResNet-style CNN, calibrate it to at most --max-drop accuracy "
+                    "drop on Fashion-MNIST validation images, report the per-site prune rates, test "
+                    "accuracy and FLOPs reduction, and write the graph dump and plots to DIR. Needs "
+                    "'apt-get install dataset-fashion-mnist' (or EXPRUNE_FASHION_MNIST).")
     demo.add_argument("--out", metavar="DIR", default="demo-out",
-                      help="directory for the dumps (default: demo-out)")
+                      help="directory for the dumps, plots and results.json (default: demo-out)")
+    demo.add_argument("--val", type=_positive_int, default=1000, metavar="N",
+                      help="validation images to calibrate on, 50 to 5000 (default 1000)")
+    demo.add_argument("--test", type=_positive_int, default=10000, metavar="N",
+                      help="test images to report on, up to 10000 (default 10000)")
+    demo.add_argument("--max-drop", type=float, default=0.01, metavar="D",
+                      help="largest allowed accuracy drop, as a fraction (default 0.01)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the calibration (default 0)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=run_demo)
     return parser
 
@@ -497,34 +507,17 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``exprune-fx demo``: analyse and symmetry-check the residual CNN, write its dumps."""
-    from .zoo import residual_cnn
+    """``exprune-fx demo``: the main job (:mod:`exprune_fx.demo`)."""
+    from .demo import check_sizes, run
 
-    start = time.perf_counter()
-    model, x = residual_cnn()
-    analysis = analyze(model, x)
-    failures = check_symmetry(model, x, analysis)
-    checked = sum(1 for c in analysis.free_classes if c.parameters)
-    print(analysis)
-    print()
-    verdict = "sound" if not failures else "UNSOUND"
-    print(f"symmetry check: permuted {checked} free classes, {len(failures)} failures ({verdict})")
-    for failure in failures:
-        print(f"  {failure}")
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gm, classes = analysis.graph_module, analysis.classes
-    written = [write_dump(render(gm, classes, fmt), fmt, out / f"{DEMO_NAME}{ext}")
-               for fmt, ext in (("text", ".txt"), ("json", ".json"), ("dot", ".dot"))]
-    if graphviz_available():
-        svg = write_dump(render(gm, classes, "dot"), "dot", out / f"{DEMO_NAME}.svg")
-        if svg.suffix == ".svg":
-            written.append(svg)
-    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - start:.1f} s")
-    if not graphviz_available():
-        print(f"(install graphviz to also get {out / DEMO_NAME}.svg)")
-    return 1 if failures else 0
+    try:
+        check_sizes(args.val, args.test, args.max_drop)
+    except InputError as exc:
+        raise CliError(str(exc)) from exc
+    with _model_errors():  # e.g. Fashion-MNIST not installed
+        summary = run(args.out, val=args.val, test=args.test, max_drop=args.max_drop, seed=args.seed,
+                      progress=not args.quiet)
+    return 1 if summary["symmetry_failures"] else 0
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 
 from exprune_fx import analyze, dump
 from exprune_fx.cli import main, random_batch
+from exprune_fx.datasets import FASHION_MNIST_ROOT
 from exprune_fx.zoo import residual_cnn
 
 CNN = "exprune_fx.zoo:residual_cnn"
@@ -208,7 +209,7 @@ def test_rewritten_json_dump_lists_sites(capsys):
     assert not sites["linear"]["rewritten"] and sites["linear"]["reason"]
     early = [n for n in data["nodes"] if n["early_exit"]]
     assert [(n["target"], n["site"]) for n in early] == [("exprune.relu_matmul.default", sites["linear_1"])]
-    assert early[0]["args"][-1] == "%exprune_1_linear_1_counters"
+    assert early[0]["args"][-2:] == ["%exprune_1_linear_1_counters", "1"]  # counters, stages
     assert [n["site"]["name"] for n in data["nodes"] if n["site"] and not n["early_exit"]] == ["linear", "linear_2"]
 
 
@@ -383,17 +384,30 @@ def test_syntax_error_in_model_file_is_one_line(capsys, tmp_path):
 
 # -- demo and entry points -------------------------------------------------------------------
 
-def test_demo_writes_its_files(capsys, tmp_path):
+@pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_demo_calibrates_and_writes_its_files(capsys, tmp_path):
+    """The main job on a small slice (the full one runs as ``make demo``)."""
     out_dir = tmp_path / "demo"
-    status, out, err = run_cli(capsys, "demo", "--out", str(out_dir))
-    assert status == 0 and err == ""
-    assert out.startswith("ExPrune analysis: ")
-    assert re.search(r"^symmetry check: permuted [1-9]\d* free classes, 0 failures", out, re.M)
-    for suffix in (".txt", ".json", ".dot"):
-        path = out_dir / f"residual_cnn{suffix}"
-        assert path.stat().st_size > 0 and str(path) in out
-    assert json.loads((out_dir / "residual_cnn.json").read_text())["stage"] == "analyzed"
-    assert (out_dir / "residual_cnn.svg").exists() == (shutil.which("dot") is not None)
+    status, out, _ = run_cli(capsys, "demo", "--out", str(out_dir), "--val", "100", "--test", "200", "--quiet")
+    assert status == 0
+    assert re.search(r"symmetry check: permuted [1-9]\d* free classes, 0 failures", out)
+    assert re.search(r"^conv2d_1 +conv2d +relu +32 ", out, re.M)  # the per-site table
+    assert re.search(r"^test accuracy: dense 0\.\d+, ExPrune 0\.\d+", out, re.M)
+    assert re.search(r"whole-model reduction -?\d+\.\d+%", out)
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["test_images"] == 200 and results["validation_drop"] <= 0.01
+    assert results["dense_mflops_per_image"] > results["executed_mflops_per_image"] * (1 - 1e-9) or \
+        results["flops_reduction"] <= 0
+    for name in ("resnet_rewritten.txt", "resnet_rewritten.json", "resnet_rewritten.dot", "prune_rates.png",
+                 "calibration.png"):
+        assert (out_dir / name).stat().st_size > 0 and name in out
+    assert json.loads((out_dir / "resnet_rewritten.json").read_text())["stage"] == "rewritten"
+    assert (out_dir / "resnet_rewritten.svg").exists() == (shutil.which("dot") is not None)
+
+
+def test_demo_refuses_bad_sizes(capsys):
+    status, _, err = run_cli(capsys, "demo", "--val", "10")
+    assert status == 2 and "val must be between 50 and 5000" in err and err.count("\n") == 1
 
 
 def test_help_in_process(capsys):
