@@ -1,6 +1,6 @@
 """What the rewrite saves at alpha = 0.05: per-site prune rates and whole-model FLOPs.
 
-* the ResNet-style CNN (exprune_fx.zoo.ResidualCNN) of benchmarks/checkpoints (trained by
+* the ResNet-style CNN (exprune_fx.zoo.ResidualCNN) of exprune_fx/checkpoints (trained by
   benchmarks/train_cnns.py on Fashion-MNIST), evaluated on the 10000 test images, with one
   global alpha (no calibration: see calibration.py for the calibrated results);
 * HF OPTForCausalLM from a small config with random weights, on random tokens, with the LM
@@ -27,7 +27,7 @@ from exprune_fx.datasets import load_fashion_mnist
 from exprune_fx.zoo import hf_opt
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibration import load_model  # noqa: E402
+from tasks import load_cnn  # noqa: E402
 
 
 def accuracy(model, x, y, batch: int = 500) -> float:
@@ -37,7 +37,7 @@ def accuracy(model, x, y, batch: int = 500) -> float:
 
 
 def cnn_rows(alpha: float, ks: list[int], test_images: int) -> list[dict]:
-    model = load_model("resnet")
+    model = load_cnn("resnet")
     x, y = load_fashion_mnist("test", limit=test_images)
     dense = accuracy(model, x, y)
     rows = []
