@@ -17,7 +17,7 @@ Example:
     >>> from exprune_fx.demo import load_demo_model
     >>> model = load_demo_model()
     >>> sum(p.numel() for p in model.parameters())
-    205898
+    204650
 """
 
 from __future__ import annotations
