@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 from .errors import InputError
 from .lifting import Lifted, lift
 from .passes.exchangeability import SymmetryClass, label_classes
+from .passes.nonnegative import mark_nonnegative
 from .passes.sites import Site, find_sites
 
 OutputSpec = Iterable[str] | Mapping[str, str] | None
@@ -128,5 +129,6 @@ def analyze(model: Any, example_inputs: Any = None, outputs: OutputSpec = None,
     counted = {pos for pos, mode in position_modes.items()}
     gm = lifted.graph_module
     classes = label_classes(gm, lifted.constants, counted, strict=strict)
+    mark_nonnegative(gm, lifted.constants)
     sites = find_sites(gm, classes, position_modes)
     return Analysis(lifted, classes, sites, modes)

@@ -104,6 +104,8 @@ class CompiledModel(torch.nn.Module):
         report = next((r for r in self.rewritten_sites if r.name == site), None)
         if report is None:
             raise InputError(f"{site!r} is not a rewritten site; rewritten: {[r.name for r in self.rewritten_sites]}")
+        if report.critical is None:
+            raise InputError(f"{site!r} runs in exact mode: it has no alpha or threshold to retune")
         bad = set(settings) - {"alpha", "threshold"}
         if bad:
             raise InputError(f"retune() changes alpha and threshold only (got {sorted(bad)}); recompile for k or enabled")

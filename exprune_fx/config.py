@@ -10,8 +10,14 @@
   outputs left undecided again at 2k, 4k, ... (``stages`` tests in all, each below n),
   each at the same critical value (an output's false-prune probability is at most
   ``stages`` times one test's). Argmax sites test once.
+* ``mode``: ``"statistical"`` (default: the tests above) or ``"exact"``, the lossless mode:
+  at ReLU sites whose input is provably non-negative, each output sums its positive (folded)
+  terms first, then its negative terms, most negative first, ``k`` at a time, and stops once
+  the running sum is negative (it can only fall further, and the ReLU makes it 0). No test,
+  no accuracy change, no exchangeability needed; ``test``, ``alpha``, ``threshold`` and
+  ``stages`` do not apply, ``k`` is the check interval.
 * ``sites``: per-site overrides keyed by site name, each a :class:`SiteConfig` or a dict
-  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``, ``stages``.
+  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``, ``stages``, ``mode``.
 
 For an argmax (dominance) site, ``alpha`` is the family-wise error of the row's decision,
 split over the other classes by Bonferroni; ``threshold`` is a margin on the mean per-term
@@ -38,6 +44,12 @@ from typing import Any, Mapping
 from .errors import InputError
 
 TESTS = ("stats", "threshold")
+MODES = ("statistical", "exact")
+
+
+def _check_mode(mode: Any, where: str) -> None:
+    if mode not in MODES:
+        raise InputError(f"{where}.mode must be one of {MODES} (got {mode!r})")
 
 
 def _check_k(k: Any, where: str) -> None:
@@ -75,9 +87,12 @@ class SiteConfig:
     alpha: float | None = None
     threshold: float | None = None
     stages: int | None = None
+    mode: str | None = None
 
     def __post_init__(self):
         where = "SiteConfig"
+        if self.mode is not None:
+            _check_mode(self.mode, where)
         if self.enabled is not None and not isinstance(self.enabled, bool):
             raise InputError(f"{where}.enabled must be True or False (got {self.enabled!r})")
         if self.k is not None:
@@ -100,6 +115,7 @@ class ResolvedSiteConfig:
     alpha: float
     threshold: float
     stages: int = 1
+    mode: str = "statistical"
 
     @property
     def critical(self) -> float:
@@ -127,9 +143,11 @@ class Config:
     threshold: float = 0.0
     sites: Mapping[str, SiteConfig] = field(default_factory=dict)
     stages: int = 1
+    mode: str = "statistical"
 
     def __post_init__(self):
         _check_k(self.k, "Config")
+        _check_mode(self.mode, "Config")
         _check_stages(self.stages, "Config")
         _check_test(self.test, "Config")
         _check_alpha(self.alpha, "Config")
@@ -153,7 +171,7 @@ class Config:
         pick = lambda v, d: d if v is None else v  # noqa: E731
         return ResolvedSiteConfig(pick(sc.enabled, True), pick(sc.k, self.k), pick(sc.test, self.test),
                                   pick(sc.alpha, self.alpha), pick(sc.threshold, self.threshold),
-                                  pick(sc.stages, self.stages))
+                                  pick(sc.stages, self.stages), pick(sc.mode, self.mode))
 
     def with_site(self, name: str, **settings: Any) -> "Config":
         """A copy with ``settings`` overriding site ``name``."""

@@ -45,7 +45,7 @@ _META = "exprune.json"
 
 def _config_to_json(config: Config) -> dict:
     return {"k": config.k, "test": config.test, "alpha": config.alpha, "threshold": _num(config.threshold),
-            "stages": config.stages, "sites": {name: dataclasses.asdict(sc) for name, sc in config.sites.items()}}
+            "stages": config.stages, "mode": config.mode, "sites": {name: dataclasses.asdict(sc) for name, sc in config.sites.items()}}
 
 
 def _num(x: float) -> Any:
@@ -56,7 +56,7 @@ def _config_from_json(data: dict) -> Config:
     sites = {name: SiteConfig(**{k: (float(v) if k == "threshold" and isinstance(v, str) else v)
                                  for k, v in sc.items()}) for name, sc in data["sites"].items()}
     return Config(k=data["k"], test=data["test"], alpha=data["alpha"], threshold=float(data["threshold"]),
-                  sites=sites, stages=data.get("stages", 1))
+                  sites=sites, stages=data.get("stages", 1), mode=data.get("mode", "statistical"))
 
 
 def save(compiled: CompiledModel, path: str | os.PathLike) -> None:

@@ -39,6 +39,7 @@ from torch.fx import GraphModule, Node
 from exprune_fx.config import Config, ResolvedSiteConfig
 from exprune_fx.runtime import ops  # noqa: F401  (registers torch.ops.exprune)
 from exprune_fx.runtime.counters import new_counters
+from exprune_fx.runtime.exact import sign_order
 from exprune_fx.runtime.kernels import STATS, THRESHOLD, valid_k
 from .exchangeability import META_AXES
 from .rules import RuleContext
@@ -77,14 +78,16 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
     lifted_nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
     for index, site in enumerate(analysis.sites):
         cfg = config.for_site(site.name)
-        base = dict(name=site.name, kind=site.kind, decision=site.decision, n=site.n, k=cfg.k, test=cfg.test,
-                    stages=cfg.stages if site.decision == "relu" else 1)
+        exact = cfg.mode == "exact"
+        base = dict(name=site.name, kind=site.kind, decision=site.decision, n=site.n, k=cfg.k,
+                    test="exact" if exact else cfg.test, stages=cfg.stages if site.decision == "relu" and not exact else 1)
         reason = _precheck(site, cfg)
         if reason is None:
             try:
-                prefix, classes = _rewrite_one(gm, site, lifted_nodes, cfg, index)
-                reports.append(SiteReport(**base, rewritten=True, counters=f"{prefix}_counters",
-                                          critical=f"{prefix}_critical", classes=classes))
+                prefix, classes, terms = _rewrite_one(gm, site, lifted_nodes, cfg, index)
+                reports.append(SiteReport(**{**base, "n": terms or site.n}, rewritten=True,
+                                          counters=f"{prefix}_counters",
+                                          critical=None if exact else f"{prefix}_critical", classes=classes))
                 continue
             except NotRewritable as exc:
                 reason = str(exc)
@@ -96,6 +99,8 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
 
 
 def _precheck(site: Site, cfg: ResolvedSiteConfig) -> str | None:
+    if cfg.mode == "exact":
+        return site.exact_reason or (None if cfg.enabled else "disabled in the config")
     if not site.eligible:
         return site.reason
     if not cfg.enabled:
@@ -259,7 +264,9 @@ def _largest_free(factors: list[tuple[int, int, bool]]) -> tuple[int, int, int]:
     return math.prod(sizes[:f]), sizes[f], math.prod(sizes[f + 1:])
 
 
-def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteConfig, index: int) -> str:
+def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteConfig, index: int):
+    """Rewrite one site; return (buffer prefix, classes of an argmax site, terms per output
+    of an exact-mode site)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     if any(c not in nodes for c in site.chain):
         raise NotRewritable("the site is not in the runnable graph")
@@ -269,7 +276,10 @@ def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteCon
     try:
         aff = _Affine(builder)
         test = STATS if cfg.test == "stats" else THRESHOLD
-        if site.kind in _CONV_KINDS:
+        terms = None
+        if cfg.mode == "exact":
+            call, terms = _exact_call(gm, builder, chain, value, site, aff, cfg)
+        elif site.kind in _CONV_KINDS:
             call = _conv_call(gm, builder, chain, value, lifted[site.name], aff, cfg, test)
         else:
             call = _matmul_call(gm, builder, chain, value, site, aff, cfg, test)
@@ -282,7 +292,7 @@ def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteCon
         if not old.users:
             gm.graph.erase_node(old)
     classes = RuleContext.shape(value)[-1] if site.decision == "argmax" else None
-    return builder.prefix, classes
+    return builder.prefix, classes, terms
 
 
 def _fold_epilogue(aff: _Affine, chain: list[Node], value: Node) -> None:
@@ -391,13 +401,7 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     x, w_node = args[0], args[1]
     weight = static_value(gm, w_node)
     bias = RuleContext.arg(node, "bias")
-    stride, padding, dilation = (RuleContext.arg(node, n) for n in ("stride", "padding", "dilation"))
-    groups = int(RuleContext.arg(node, "groups", 1))
-    if weight.dim() != 4 or RuleContext.arg(node, "transposed", False):
-        raise NotRewritable("only 2-d, non-transposed convolutions have an early-exit kernel")
-    if isinstance(padding, str) or any(not isinstance(v, int) for v in list(padding) + list(stride) + list(dilation)):
-        raise NotRewritable("convolution with string or symbolic padding/stride: not rewritten yet")
-    pair = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
+    stride, padding, dilation, groups = _conv_geometry(node, weight)
     cout = weight.shape[0]
     channel_classes = lifted_node.args[1].meta[META_AXES][1]
     by_id = {cid: (cid, size, free) for cid, size, free in _site_factors(lifted_node)}
@@ -410,10 +414,66 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, cout, 3, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
-    return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, pair(stride),
-                        pair(padding), pair(dilation), groups, unit, cfg.k, test,
+    return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, stride,
+                        padding, dilation, groups, unit, cfg.k, test,
                         _critical(builder, cfg.critical), counters, cfg.stages)
 
 
 def _site_factors(lifted_node: Node) -> tuple:
     return lifted_node.meta["exprune.site"].contraction
+
+
+def _conv_geometry(node: Node, weight: torch.Tensor):
+    """(stride, padding, dilation, groups) of a conv node as pairs, or raise NotRewritable."""
+    stride, padding, dilation = (RuleContext.arg(node, n) for n in ("stride", "padding", "dilation"))
+    groups = int(RuleContext.arg(node, "groups", 1))
+    if weight.dim() != 4 or RuleContext.arg(node, "transposed", False):
+        raise NotRewritable("only 2-d, non-transposed convolutions have an early-exit kernel")
+    if isinstance(padding, str) or any(not isinstance(v, int) for v in list(padding) + list(stride) + list(dilation)):
+        raise NotRewritable("convolution with string or symbolic padding/stride: not rewritten yet")
+    pair = lambda v: list(v) * 2 if len(v) == 1 else list(v)  # noqa: E731
+    return pair(stride), pair(padding), pair(dilation), groups
+
+
+def _exact_call(gm, builder, chain, value, site, aff, cfg) -> tuple[Node, int]:
+    """Exact mode (``runtime/exact.py``): fold the epilogue's scale into the weight, split it
+    by sign at compile time, and call the exact kernel. Returns the call and the terms per output."""
+    node, args = chain[0], chain[0].args
+    if site.kind in _CONV_KINDS:
+        x, weight, bias = args[0], static_value(gm, args[1]), RuleContext.arg(node, "bias")
+        stride, padding, dilation, groups = _conv_geometry(node, weight)
+        if groups != 1:
+            raise NotRewritable("exact mode: grouped convolutions are not rewritten yet")
+        if bias is not None:
+            aff.add(static_value(gm, bias).reshape(-1, 1, 1))
+        features, feature_dim = weight.shape[0], 3
+    else:
+        if site.kind == "linear":
+            x, w, bias = args[0], args[1], RuleContext.arg(node, "bias")
+        elif site.kind == "addmm":
+            bias, x, w = args[0], args[1], args[2]
+        else:
+            x, w, bias = args[0], args[1], None
+        if not _is_static(gm, w):
+            raise NotRewritable("exact mode needs a compile-time weight")
+        weight = static_value(gm, w)
+        weight = weight if site.kind == "linear" else weight.T
+        if weight.dim() != 2:
+            raise NotRewritable("batched matmul with a compile-time operand: not rewritten yet")
+        if bias is not None:
+            aff.add(bias)
+        features, feature_dim = weight.shape[0], 1
+    _fold_epilogue(aff, chain, value)
+    scale = _feature_vector(aff.a, features, feature_dim, "scale")
+    folded = weight.float() * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+    positive, order, negative, count = sign_order(folded.reshape(features, -1))
+    nodes = [builder.buffer("positive", positive.reshape(weight.shape).to(weight.dtype)),
+             builder.buffer("order", order), builder.buffer("negative", negative.to(weight.dtype)),
+             builder.buffer("count", count), _offset(builder, aff)]
+    counters = builder.buffer("counters", new_counters(_device(gm)))
+    if site.kind in _CONV_KINDS:
+        call = builder.call(torch.ops.exprune.exact_relu_conv2d.default, x, *nodes, stride, padding, dilation,
+                            cfg.k, counters)
+    else:
+        call = builder.call(torch.ops.exprune.exact_relu_matmul.default, x, *nodes, cfg.k, counters)
+    return call, folded[0].numel()

@@ -31,6 +31,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .exchangeability import META_AXES, META_ROLE, SymmetryClass
+from .nonnegative import META_NONNEGATIVE
 from .rules import RuleContext
 
 aten = torch.ops.aten
@@ -66,6 +67,7 @@ class Site:
     reason: str | None
     contraction: tuple[tuple[int, int, bool], ...] = ()  # (class id, size, free) per factor
     chain: tuple[str, ...] = ()  # node names from the reduction to the decision
+    exact_reason: str | None = "not analysed"  # why exact mode cannot rewrite it (None: it can)
 
 
 def _packet(node: Node):
@@ -230,4 +232,24 @@ def _describe(node, kind, by_id, dynamic, output_modes) -> Site:
         reason = f"no decision: {why_none}"
     elif blocker is not None:
         reason = blocker
-    return Site(node.name, kind, n, decision, reason is None, reason, factors, chain)
+    return Site(node.name, kind, n, decision, reason is None, reason, factors, chain,
+                _exact_reason(node, kind, decision, blocker, why_none))
+
+
+def _exact_reason(node: Node, kind: str, decision: str | None, blocker: str | None, why_none: str | None):
+    """Why exact mode (sign-ordered terms, no statistics, no exchangeability needed) cannot
+    rewrite this site, or None when it can: a ReLU decision, a sole-user chain, and an input
+    that :mod:`.nonnegative` proved >= 0."""
+    if kind not in ("linear", "addmm", "mm", "matmul", "conv2d", "conv"):
+        return f"exact mode has no kernel for {kind} sites"
+    if decision is None:
+        return f"no decision: {why_none}"
+    if decision != "relu":
+        return "exact mode needs a ReLU decision (an argmax head has no lossless early exit here)"
+    if blocker is not None:
+        return blocker
+    x = node.args[1] if kind == "addmm" else node.args[0]
+    if not (isinstance(x, Node) and x.meta.get(META_NONNEGATIVE, False)):
+        name = x.name if isinstance(x, Node) else repr(x)
+        return f"exact mode needs a non-negative input; '{name}' is not provably >= 0"
+    return None

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import exact, kernels
 
 
 @torch.library.custom_op("exprune::relu_matmul", mutates_args=("stats",))
@@ -64,3 +64,28 @@ def relu_conv2d(x: Tensor, weight: Tensor, scale: Tensor, offset: Optional[Tenso
 def _relu_conv2d_fake(x, weight, scale, offset, stride, padding, dilation, groups, unit, k, test,
                       critical, stats, stages=1):
     return torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("exprune::exact_relu_matmul", mutates_args=("stats",))
+def exact_relu_matmul(x: Tensor, positive: Tensor, order: Tensor, negative: Tensor, count: Tensor,
+                      offset: Optional[Tensor], k: int, stats: Tensor) -> Tensor:
+    """Exact (lossless) early exit for ``x @ weight.T`` on x >= 0; see exact.exact_relu_matmul."""
+    return exact.exact_relu_matmul(x, positive, order, negative, count, offset, k, stats)
+
+
+@exact_relu_matmul.register_fake
+def _exact_relu_matmul_fake(x, positive, order, negative, count, offset, k, stats):
+    return x.new_empty(x.shape[:-1] + (positive.shape[0],))
+
+
+@torch.library.custom_op("exprune::exact_relu_conv2d", mutates_args=("stats",))
+def exact_relu_conv2d(x: Tensor, positive: Tensor, order: Tensor, negative: Tensor, count: Tensor,
+                      offset: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int], k: int,
+                      stats: Tensor) -> Tensor:
+    """Exact (lossless) early exit for a 2-d convolution on x >= 0; see exact.exact_relu_conv2d."""
+    return exact.exact_relu_conv2d(x, positive, order, negative, count, offset, stride, padding, dilation, k, stats)
+
+
+@exact_relu_conv2d.register_fake
+def _exact_relu_conv2d_fake(x, positive, order, negative, count, offset, stride, padding, dilation, k, stats):
+    return torch.nn.functional.conv2d(x, positive, None, stride, padding, dilation)

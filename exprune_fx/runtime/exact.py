@@ -1,0 +1,145 @@
+"""Exact-mode kernels: lossless early termination on non-negative inputs (SnaPEA-style).
+
+When every input ``x_i`` is >= 0, the term ``x_i * f_i`` of an output has the sign of its
+folded weight ``f_i = a * w_i`` (``a`` the output's epilogue scale, so a negative batch-norm
+scale flips the signs). Each output starts from its offset ``c`` plus all of its positive
+terms, then adds its negative terms, most negative weight first, ``k`` at a time. Before
+each block it checks the running sum: once it is negative, the rest can only lower it, so the
+ReLU after the site makes the output 0 whatever the rest is. The output is then final: set to
+0 and its remaining negative terms are never computed. Outputs that never stop get their
+exact value (summed in another order: equal to the dense result to float tolerance).
+
+Zero weights are neither positive nor negative: they are never computed (a statically pruned
+model pays only for its nonzero terms), and ``dense`` counts only nonzero MACs.
+
+Counters (``counters.py``): ``dense`` nonzero MACs of every output; ``partial`` its positive
+terms; ``remainder`` the negative terms it summed; ``test`` one comparison per output and
+check; ``pruned`` outputs that stopped with negative terms left; ``negative`` stays 0 (there
+is no oracle gap to measure: the mode is already exact).
+
+Example:
+    >>> import torch
+    >>> from exprune_fx.runtime.counters import new_counters, read
+    >>> w = torch.randn(8, 64)
+    >>> pos, order, neg, count = sign_order(w)
+    >>> x = torch.rand(4, 64)                      # non-negative, as after a ReLU
+    >>> c = new_counters()
+    >>> z = exact_relu_matmul(x, pos, order, neg, count, None, 8, c)
+    >>> torch.allclose(z.relu(), (x @ w.T).relu(), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .counters import add
+
+_GATHER_ELEMENTS = 1 << 24  # bound on one gathered [rows, outputs, k] block (64 MiB of float32)
+
+
+def sign_order(folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compile-time layouts of a folded weight ``[N, T]`` (N outputs, T terms each):
+    ``positive`` (the weight with its negative entries zeroed), ``order`` ``[N, L]`` (each
+    output's term indices, most negative weight first, L = the largest negative count),
+    ``negative`` ``[N, L]`` (those weights; 0 past the output's count) and ``count`` ``[N]``.
+
+    >>> pos, order, neg, count = sign_order(torch.tensor([[1.0, -2.0, -3.0], [0.0, 4.0, -1.0]]))
+    >>> order.tolist(), neg.tolist(), count.tolist()
+    ([[2, 1], [2, 0]], [[-3.0, -2.0], [-1.0, 0.0]], [2, 1])
+    """
+    folded = folded.detach()
+    count = (folded < 0).sum(1)
+    width = int(count.max()) if count.numel() else 0
+    order = torch.argsort(folded, dim=1, stable=True)[:, :width].contiguous()
+    negative = folded.gather(1, order)
+    negative = torch.where(negative < 0, negative, torch.zeros((), dtype=folded.dtype))
+    return folded.clamp_min(0), order, negative, count
+
+
+def _check_blocks(running, count, k: int, width: int, add_block):
+    """The early-exit loop shared by the kernels. ``running`` holds offset + positive terms;
+    ``add_block(lo, hi, active)`` adds negative terms ``lo..hi`` where ``active``. Returns
+    (stopped, negative terms consumed, checks), the last two as per-output float64 tensors.
+
+    Blocks are consumed in order, so an output that took ``b`` blocks consumed
+    ``min(count, b * k)`` terms and was checked ``b`` times, plus once more if it stopped."""
+    count = count.view((1, -1) + (1,) * (running.dim() - 2))
+    stopped = torch.zeros(running.shape, dtype=torch.bool, device=running.device)
+    blocks = torch.zeros(running.shape, dtype=torch.int32, device=running.device)
+    for lo in range(0, width, k):
+        live = (count > lo) & ~stopped
+        stop = live & (running < 0)
+        stopped |= stop
+        active = live.logical_xor_(stop)
+        if not bool(active.any()):
+            break
+        add_block(lo, min(lo + k, width), active)
+        blocks += active
+    consumed = torch.minimum(count.double(), blocks.double() * k)
+    return stopped, consumed, blocks.double() + stopped
+
+
+def _count(stats, stopped, consumed, checks, dense, partial, computed) -> None:
+    add(stats, calls=1, outputs=stopped.numel(), pruned=stopped.sum(), dense=dense, partial=partial,
+        test=checks.sum(), remainder=consumed.sum(), computed=computed + checks.sum(), negative=0)
+
+
+def exact_relu_matmul(x, positive, order, negative, count, offset, k: int, stats):
+    """Exact early exit for ``x @ weight.T`` (x [..., K] >= 0) followed by a ReLU; the
+    weight arrives as :func:`sign_order` layouts of its folded form. Returns ``z`` with the
+    outputs that stopped set to 0."""
+    lead, big_k, n_out = x.shape[:-1], x.shape[-1], positive.shape[0]
+    x2 = x.reshape(-1, big_k)
+    m = x2.shape[0]
+    running = x2 @ positive.T
+    if offset is not None:
+        running = running + offset.to(x2.dtype).expand(lead + (n_out,)).reshape(m, n_out)
+    computed = [m * n_out * big_k]
+
+    def add_block(lo: int, hi: int, active) -> None:
+        cols = active.any(0).nonzero().squeeze(1)
+        idx, val = order[cols, lo:hi], negative[cols, lo:hi]
+        step = max(1, _GATHER_ELEMENTS // max(1, cols.numel() * (hi - lo)))
+        for r in range(0, m, step):
+            part = (x2[r:r + step, idx] * val).sum(-1)  # [rows, cols]
+            running[r:r + step, cols] += torch.where(active[r:r + step, cols], part, 0)
+        computed[0] += m * cols.numel() * (hi - lo)
+
+    stopped, consumed, checks = _check_blocks(running, count, k, order.shape[1], add_block)
+    nonzero = (positive != 0).sum() + count.sum()
+    _count(stats, stopped, consumed, checks, dense=m * nonzero, partial=m * (positive != 0).sum(),
+           computed=computed[0])
+    return running.masked_fill_(stopped, 0).reshape(lead + (n_out,))
+
+
+def exact_relu_conv2d(x, positive, order, negative, count, offset, stride, padding, dilation, k: int, stats):
+    """Exact early exit for a 2-d convolution (groups 1, x >= 0) followed by a ReLU; a term
+    is one weight tap (input channel and kernel position) at one output position.
+    ``positive`` is the folded weight with negative taps zeroed; ``order``/``negative`` index
+    each output channel's flattened taps (:func:`sign_order` of the weight viewed [cout, -1])."""
+    cout = positive.shape[0]
+    running = F.conv2d(x, positive, None, stride, padding, dilation)
+    if offset is not None:
+        running = running + offset.to(x.dtype)
+    per_map = running.shape[0] * running.shape[2] * running.shape[3]  # output positions per channel
+    computed = [per_map * positive.numel()]
+
+    def add_block(lo: int, hi: int, active) -> None:
+        chans = active.any(3).any(2).any(0).nonzero().squeeze(1)
+        some = chans.numel() < 0.75 * cout  # a subset of the channels is cheaper than every channel
+        rows = order[chans, lo:hi] if some else order[:, lo:hi]
+        block = torch.zeros((rows.shape[0], positive[0].numel()), dtype=positive.dtype, device=positive.device)
+        block.scatter_(1, rows, negative[chans, lo:hi] if some else negative[:, lo:hi])
+        part = F.conv2d(x, block.view((-1,) + positive.shape[1:]), None, stride, padding, dilation)
+        if some:
+            running[:, chans] += part.masked_fill_(~active[:, chans], 0)
+        else:
+            running.add_(part.masked_fill_(~active, 0))
+        computed[0] += per_map * block.numel()
+
+    stopped, consumed, checks = _check_blocks(running, count, k, order.shape[1], add_block)
+    _count(stats, stopped, consumed, checks, dense=per_map * ((positive != 0).sum() + count.sum()),
+           partial=per_map * (positive != 0).sum(), computed=computed[0])
+    return running.masked_fill_(stopped, 0)
