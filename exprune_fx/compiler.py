@@ -19,12 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .analysis import Analysis, OutputSpec, analyze
 from .config import Config
@@ -215,23 +216,51 @@ def weights_fingerprint(model: torch.nn.Module) -> dict[str, list]:
     return out
 
 
-def _mm_flops(a: torch.Tensor, b: torch.Tensor, *, out_val=None, **_) -> int:
-    """2 x MACs of ``a @ b``; a sparse operand contributes its stored entries only (the
-    stock formula counts a sparse adjacency as dense)."""
-    if a.layout != torch.strided:
-        return 2 * a._nnz() * b.shape[-1]
-    if b.layout != torch.strided:
-        return 2 * b._nnz() * a.shape[0]
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+def _nonzero_macs(operand: torch.Tensor, sparse_weights: frozenset) -> int | None:
+    """Nonzero entries of ``operand`` when it is (a view of) a weight with zeros, else None."""
+    if operand.layout != torch.strided or operand.untyped_storage().data_ptr() not in sparse_weights:
+        return None
+    return int(torch.count_nonzero(operand))
 
 
-_mm_flops._get_raw = True  # FlopCounterMode passes tensors, not shapes
+def _flop_mapping(sparse_weights: frozenset) -> dict:
+    """FlopCounterMode formulas that count multiply-accumulates with nonzero weights only
+    (statically pruned models), and a sparse operand's stored entries only (the stock
+    formula counts a sparse adjacency as dense)."""
+
+    def mm(a: torch.Tensor, b: torch.Tensor, *, out_val=None, **_) -> int:
+        if a.layout != torch.strided:
+            return 2 * a._nnz() * b.shape[-1]
+        if b.layout != torch.strided:
+            return 2 * b._nnz() * a.shape[0]
+        nb, na = _nonzero_macs(b, sparse_weights), _nonzero_macs(a, sparse_weights)
+        if nb is not None:
+            return 2 * a.shape[0] * nb
+        if na is not None:
+            return 2 * na * b.shape[1]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+    def addmm(bias, a, b, *, out_val=None, **_) -> int:
+        return mm(a, b)
+
+    def convolution(x, w, bias, stride, padding, dilation, transposed, *args, out_val=None, **_) -> int:
+        nonzero = None if transposed else _nonzero_macs(w, sparse_weights)
+        if nonzero is None:
+            return conv_flop_count(list(x.shape), list(w.shape), list(out_val.shape), transposed)
+        return 2 * nonzero * out_val.shape[0] * math.prod(out_val.shape[2:])
+
+    for formula in (mm, addmm, convolution):
+        formula._get_raw = True  # FlopCounterMode passes tensors, not shapes
+    return {torch.ops.aten.mm: mm, torch.ops.aten.addmm: addmm, torch.ops.aten.convolution: convolution}
 
 
 def dense_flops(model: torch.nn.Module, args: tuple, kwargs: dict) -> float:
-    """FLOPs of one eager call, counted by torch.utils.flop_counter (sparse @ dense counted
-    by stored entries)."""
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mm: _mm_flops})
+    """FLOPs of one eager call, counted by torch.utils.flop_counter, with two corrections:
+    a weight with zeros (static pruning) counts only its nonzero multiply-accumulates, and a
+    sparse @ dense product counts the sparse operand's stored entries."""
+    sparse_weights = frozenset(p.untyped_storage().data_ptr() for p in model.parameters()
+                               if p.dim() >= 2 and bool((p == 0).any()))
+    counter = FlopCounterMode(display=False, custom_mapping=_flop_mapping(sparse_weights))
     with torch.no_grad(), counter:
         model(*args, **kwargs)
     return float(counter.get_total_flops())

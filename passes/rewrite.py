@@ -40,6 +40,7 @@ from exprune_fx.config import Config, ResolvedSiteConfig
 from exprune_fx.runtime import ops  # noqa: F401  (registers torch.ops.exprune)
 from exprune_fx.runtime.counters import new_counters
 from exprune_fx.runtime.exact import sign_order
+from exprune_fx.runtime.sparse import conv_layout, linear_layout
 from exprune_fx.runtime.kernels import STATS, THRESHOLD, valid_k
 from .exchangeability import META_AXES
 from .rules import RuleContext
@@ -353,6 +354,10 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
+    if site.decision == "relu" and before * after == 1 and bool((weight == 0).any()):
+        layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(linear_layout(weight, cfg.k, test))]
+        return builder.call(torch.ops.exprune.sparse_relu_matmul.default, x, *layout, scale, offset, cfg.k, test,
+                            _critical(builder, cfg.critical), counters)
     if site.decision == "relu":
         return builder.call(torch.ops.exprune.relu_matmul.default, x, w_node, scale, offset, before * after, cfg.k,
                             test, _critical(builder, cfg.critical), counters, cfg.stages)
@@ -414,6 +419,10 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, cout, 3, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
+    if unit == 1 and groups == 1 and bool((weight.flatten(2) == 0).all(2).any()):  # zero channel windows
+        layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(conv_layout(weight, cfg.k, test))]
+        return builder.call(torch.ops.exprune.sparse_relu_conv2d.default, x, *layout, scale, offset, stride, padding,
+                            dilation, cfg.k, test, _critical(builder, cfg.critical), counters)
     return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, stride,
                         padding, dilation, groups, unit, cfg.k, test,
                         _critical(builder, cfg.critical), counters, cfg.stages)

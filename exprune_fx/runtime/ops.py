@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import exact, kernels
+from . import exact, kernels, sparse
 
 
 @torch.library.custom_op("exprune::relu_matmul", mutates_args=("stats",))
@@ -89,3 +89,34 @@ def exact_relu_conv2d(x: Tensor, positive: Tensor, order: Tensor, negative: Tens
 @exact_relu_conv2d.register_fake
 def _exact_relu_conv2d_fake(x, positive, order, negative, count, offset, stride, padding, dilation, k, stats):
     return torch.nn.functional.conv2d(x, positive, None, stride, padding, dilation)
+
+
+@torch.library.custom_op("exprune::sparse_relu_matmul", mutates_args=("stats",))
+def sparse_relu_matmul(x: Tensor, first: Tensor, first_w: Tensor, rest: Tensor, rest_w: Tensor, nonzero: Tensor,
+                       tested: Tensor, scale: Tensor, offset: Optional[Tensor], k: int, test: int, critical: Tensor,
+                       stats: Tensor) -> Tensor:
+    """Early negative prediction on a statically pruned linear weight; see sparse.sparse_relu_matmul."""
+    return sparse.sparse_relu_matmul(x, first, first_w, rest, rest_w, nonzero, tested, scale, offset, k, test,
+                                     critical, stats)
+
+
+@sparse_relu_matmul.register_fake
+def _sparse_relu_matmul_fake(x, first, first_w, rest, rest_w, nonzero, tested, scale, offset, k, test, critical,
+                             stats):
+    return x.new_empty(x.shape[:-1] + (first.shape[0],))
+
+
+@torch.library.custom_op("exprune::sparse_relu_conv2d", mutates_args=("stats",))
+def sparse_relu_conv2d(x: Tensor, first: Tensor, first_w: Tensor, rest_w: Tensor, nonzero: Tensor, tested: Tensor,
+                       taps_first: Tensor, taps_all: Tensor, scale: Tensor, offset: Optional[Tensor],
+                       stride: list[int], padding: list[int], dilation: list[int], k: int, test: int,
+                       critical: Tensor, stats: Tensor) -> Tensor:
+    """Early negative prediction on a statically pruned convolution; see sparse.sparse_relu_conv2d."""
+    return sparse.sparse_relu_conv2d(x, first, first_w, rest_w, nonzero, tested, taps_first, taps_all, scale,
+                                     offset, stride, padding, dilation, k, test, critical, stats)
+
+
+@sparse_relu_conv2d.register_fake
+def _sparse_relu_conv2d_fake(x, first, first_w, rest_w, nonzero, tested, taps_first, taps_all, scale, offset,
+                             stride, padding, dilation, k, test, critical, stats):
+    return torch.nn.functional.conv2d(x, rest_w, None, stride, padding, dilation)

@@ -1,0 +1,168 @@
+"""Sparse-aware early-exit kernels: ExPrune on statically pruned weights.
+
+With unstructured zero weights, a zero-weight term is not a sample: an output's ``k`` samples
+are its first ``k`` *nonzero* terms (in the exchangeable order of the contraction), and its
+population is its ``n_j`` nonzero terms, so the test uses ``n_j`` in the mean's offset share
+(``c / n_j``) and in the finite-population correction. An output is tested only when the
+test can pay for itself: the work it could skip, ``(n_j - k)`` terms, must be at least the
+test's own cost (``k + 4`` MACs for the stats test, ``2`` for the threshold test, in the
+units of the counters); other outputs are computed densely. Dense and executed work count
+only nonzero multiply-accumulates.
+
+A term of a linear site is one input feature; of a convolution, one input channel's kernel
+window (nonzero when any of its taps is). The layouts are built at compile time by
+:func:`linear_layout` and :func:`conv_layout`.
+
+Example:
+    >>> import torch
+    >>> from exprune_fx.runtime.counters import new_counters, read
+    >>> w = torch.randn(6, 64) * (torch.rand(6, 64) < 0.5)
+    >>> layout = linear_layout(w, k=8, test=0)
+    >>> x = torch.randn(4, 64)
+    >>> c = new_counters()
+    >>> z = sparse_relu_matmul(x, *layout, torch.ones(6), None, 8, 0, float("-inf"), c)  # never prunes
+    >>> torch.allclose(z, x @ w.T, atol=1e-5), read(c)["dense"] == 4 * (w != 0).sum().item()
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .counters import add
+from .kernels import STATS, THRESHOLD, _decide_negative, _wide
+
+_GATHER_ELEMENTS = 1 << 24
+
+
+def worth_testing(nonzero_terms: torch.Tensor, term_macs: torch.Tensor | float, k: int, test: int) -> torch.Tensor:
+    """The cost rule: test an output only if the remainder it could skip is at least the test's cost."""
+    cost = k + 4 if test == STATS else 2
+    return (nonzero_terms - k) * term_macs >= cost
+
+
+def _first_and_rest(nonzero: torch.Tensor, k: int):
+    """Per output (row of ``nonzero`` [N, T]): the indices of its first k nonzero terms, and of
+    the other terms (nonzero ones first, padded with zero-weight terms)."""
+    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)  # nonzero first, original order
+    return order[:, :k].contiguous(), order[:, k:].contiguous()
+
+
+def linear_layout(weight: torch.Tensor, k: int, test: int):
+    """Compile-time layout of a linear weight [N, K] (one term per input feature):
+    ``(first, first_w, rest, rest_w, nonzero, tested)`` where ``first``/``first_w``
+    [N, k] are each output's first k nonzero terms and their weights, ``rest``/``rest_w``
+    the others (zero weights past the nonzero ones), ``nonzero`` [N] the nonzero term counts,
+    ``tested`` [N] the cost rule's verdict."""
+    nonzero = weight != 0
+    first, rest = _first_and_rest(nonzero, k)
+    counts = nonzero.sum(1)
+    width = max(int(counts.max()) - k, 0) if counts.numel() else 0
+    rest = rest[:, :width].contiguous()
+    return (first, weight.gather(1, first), rest, weight.gather(1, rest), counts,
+            worth_testing(counts, 1, k, test) & (counts > k))
+
+
+def _gathered_sums(x2, idx, w, test: int, rows: slice | None = None):
+    """Sum (and sum of squares unless threshold) of x2[:, idx[j]] * w[j] per row and output."""
+    m = x2.shape[0]
+    s1 = x2.new_empty(m, idx.shape[0])
+    s2 = None if test == THRESHOLD else x2.new_empty(m, idx.shape[0])
+    step = max(1, _GATHER_ELEMENTS // max(1, idx.numel()))
+    for r in range(0, m, step):
+        t = x2[r:r + step, idx] * w  # [rows, N, terms]
+        s1[r:r + step] = t.sum(-1)
+        if s2 is not None:
+            tw = _wide(t)
+            s2[r:r + step] = (tw * tw).sum(-1)
+    return s1, s2
+
+
+def sparse_relu_matmul(x, first, first_w, rest, rest_w, nonzero, tested, scale, offset, k: int,
+                       test: int, critical: float, stats):
+    """Early negative prediction for ``x @ weight.T`` whose weight has zero terms (given as
+    :func:`linear_layout`): the test reads each output's first k nonzero terms."""
+    lead, big_k, n_out = x.shape[:-1], x.shape[-1], first.shape[0]
+    x2 = x.reshape(-1, big_k)
+    m = x2.shape[0]
+    a = scale.to(x2.dtype)
+    c = torch.zeros((), dtype=x2.dtype, device=x2.device) if offset is None else \
+        offset.to(x2.dtype).expand(lead + (n_out,)).reshape(m, n_out)
+    s1, s2 = _gathered_sums(x2, first, first_w, test)
+    n = nonzero.clamp_min(k + 1).to(s1.dtype)
+    mean = s1 * (a / k) + c / n
+    pruned = _decide_negative(mean, s1, s2, a, k, n, test, critical) & tested
+    keep = ~pruned
+    cols = keep.any(0).nonzero().squeeze(1)
+    out = torch.zeros(m, n_out, dtype=x2.dtype, device=x2.device)
+    if cols.numel():
+        rest_sum, _ = _gathered_sums(x2, rest[cols], rest_w[cols], THRESHOLD)
+        cc = c if c.dim() == 0 else c[:, cols]
+        z = a[cols] * (s1[:, cols] + rest_sum) + cc
+        out[:, cols] = torch.where(keep[:, cols], z, 0)
+    first_macs = nonzero.clamp(max=k)
+    n_tested = tested.sum()
+    test_macs = m * n_tested * ((k + 4) if test == STATS else 2)
+    remainder = (keep * (nonzero - first_macs)).sum()
+    add(stats, calls=1, outputs=m * n_out, pruned=pruned.sum(), dense=m * nonzero.sum(),
+        partial=m * first_macs.sum(), test=test_macs, remainder=remainder,
+        computed=m * first_macs.sum() + test_macs + m * cols.numel() * rest.shape[1],
+        negative=(out < 0).sum())
+    return out.reshape(lead + (n_out,))
+
+
+def conv_layout(weight: torch.Tensor, k: int, test: int):
+    """Compile-time layout of a conv weight [cout, cin, kh, kw] (a term is one input channel's
+    window): ``(first, first_w, rest_w, nonzero, tested, taps_first, taps_all)`` with ``first``
+    [cout, k] each output channel's first k nonzero input channels, ``first_w`` [cout, k, kh, kw]
+    their windows, ``rest_w`` the weight with those k channels zeroed, ``nonzero`` [cout] the
+    nonzero channel counts, ``tested`` the cost rule's verdict, and the nonzero taps in the
+    first k channels and in all of them, per output channel."""
+    cout, cin = weight.shape[:2]
+    taps = (weight != 0).flatten(2).sum(2)  # [cout, cin]
+    first, _ = _first_and_rest(taps > 0, k)
+    counts = (taps > 0).sum(1)
+    first_w = weight.gather(1, first[:, :, None, None].expand(-1, -1, *weight.shape[2:]))
+    rest_w = weight.clone()
+    rest_w.scatter_(1, first[:, :, None, None].expand(-1, -1, *weight.shape[2:]), 0.0)
+    taps_first = taps.gather(1, first).sum(1)
+    taps_all = taps.sum(1)
+    term_macs = taps_all.double() / counts.clamp_min(1)
+    return (first, first_w, rest_w, counts, worth_testing(counts, term_macs, k, test) & (counts > k),
+            taps_first, taps_all)
+
+
+def sparse_relu_conv2d(x, first, first_w, rest_w, nonzero, tested, taps_first, taps_all, scale, offset,
+                       stride, padding, dilation, k: int, test: int, critical: float, stats):
+    """Early negative prediction for a 2-d convolution (groups 1) whose weight has zero
+    channel windows: output channel j's samples are its first k nonzero input channels, each
+    computed as one depthwise convolution over the gathered channels."""
+    cout = first.shape[0]
+    s1 = s2 = None
+    for r in range(first.shape[1]):  # k, or fewer when the layer has fewer input channels
+        t = F.conv2d(x[:, first[:, r]], first_w[:, r:r + 1], None, stride, padding, dilation, cout)
+        s1 = t if s1 is None else s1.add_(t)
+        if test != THRESHOLD:
+            tw = _wide(t)
+            s2 = tw * tw if s2 is None else s2.addcmul_(tw, tw)
+    a = scale.to(x.dtype).view(1, cout, 1, 1)
+    c = torch.zeros((), dtype=x.dtype, device=x.device) if offset is None else offset.to(x.dtype).expand_as(s1)
+    n = nonzero.clamp_min(k + 1).to(s1.dtype).view(1, cout, 1, 1)
+    pruned = _decide_negative(s1 * (a / k) + c / n, s1, s2, a, k, n, test, critical) & tested.view(1, cout, 1, 1)
+    keep = ~pruned
+    chans = keep.any(3).any(2).any(0).nonzero().squeeze(1)
+    out = torch.zeros_like(s1)
+    if chans.numel():
+        z = F.conv2d(x, rest_w[chans], None, stride, padding, dilation).add_(s1[:, chans])
+        cc = c if c.dim() == 0 else c[:, chans]
+        out[:, chans] = torch.where(keep[:, chans], a[:, chans] * z + cc, 0)
+    per_map = s1.shape[0] * s1.shape[2] * s1.shape[3]
+    tests = per_map * tested.sum()
+    test_macs = tests * ((k + 4) if test == STATS else 2)
+    remainder = (keep * (taps_all - taps_first).view(1, cout, 1, 1)).sum()
+    add(stats, calls=1, outputs=s1.numel(), pruned=pruned.sum(), dense=per_map * taps_all.sum(),
+        partial=per_map * taps_first.sum(), test=test_macs, remainder=remainder,
+        computed=per_map * taps_first.sum() + test_macs + per_map * chans.numel() * rest_w[0].numel(),
+        negative=(out < 0).sum())
+    return out
