@@ -9,6 +9,7 @@ The prunable weights are the ``weight`` of every ``nn.Linear`` and ``nn.Conv2d``
 - :func:`magnitude`: global magnitude pruning (smallest ``|w|`` over all layers at once).
 - :func:`finetune_iteratively`: magnitude pruning in rounds along a geometric schedule, each
   round followed by fine-tuning with the masks re-applied after every optimizer step.
+- :func:`finetune`: fine-tune any pruner's result with its masks fixed.
 - :func:`synflow`: SynFlow (Tanaka et al., NeurIPS 2020), data-free, iterative, avoids layer
   collapse.
 - :func:`sensitivity_sampling`: sampling by empirical sensitivity on a batch, in the manner of
@@ -119,14 +120,7 @@ def finetune_iteratively(model: nn.Module, sparsity: float, data: Iterable | Cal
     params = _check(model, sparsity, "finetune_iteratively")
     _check_count(rounds, "rounds")
     _check_count(epochs, "epochs")
-    if step is None and not callable(loss_fn):
-        raise InputError("finetune_iteratively needs loss_fn(outputs, targets), or a step(model, optimizer, batch)")
-    if step is not None and not callable(step):
-        raise InputError(f"step must be callable as step(model, optimizer, batch) (got {step!r})")
-    batches = list(data() if callable(data) else data)
-    if not batches:
-        raise InputError("finetune_iteratively got no data: pass a non-empty list of (inputs, targets) batches")
-    step = step or _default_step(loss_fn)
+    step, batches = _training(loss_fn, step, data, "finetune_iteratively")
     pruned = copy.deepcopy(model)
     weights = prunable_parameters(pruned)
     opt = (optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01)))(pruned.parameters())
@@ -144,6 +138,41 @@ def finetune_iteratively(model: nn.Module, sparsity: float, data: Iterable | Cal
                 _apply_masks(weights, masks)
     pruned.train(model.training)
     return Pruned(pruned, masks, "finetune_iteratively", float(sparsity))
+
+
+def finetune(pruned: Pruned, data: Iterable | Callable[[], Iterable], loss_fn: Callable | None = None, *,
+             epochs: int = 1, optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+             step: Callable[[nn.Module, torch.optim.Optimizer, Any], Any] | None = None) -> Pruned:
+    """Fine-tune a copy of ``pruned.model`` for ``epochs`` passes over ``data`` with its masks
+    fixed (re-applied after every optimizer step, so pruned weights stay zero). ``data``,
+    ``loss_fn``, ``optimizer`` and ``step`` are as in :func:`finetune_iteratively`. Returns a
+    new :class:`Pruned` with the same masks, method and sparsity; ``pruned`` is not modified."""
+    if not isinstance(pruned, Pruned):
+        raise InputError(f"finetune takes what a pruner returned, a Pruned (got {type(pruned).__name__})")
+    _check_count(epochs, "epochs")
+    step, batches = _training(loss_fn, step, data, "finetune")
+    model = copy.deepcopy(pruned.model)
+    weights = prunable_parameters(model)
+    opt = (optimizer or (lambda ps: torch.optim.SGD(ps, lr=0.01)))(model.parameters())
+    model.train()
+    for _ in range(epochs):
+        for batch in batches:
+            step(model, opt, batch)
+            _apply_masks(weights, pruned.masks)
+    model.train(pruned.model.training)
+    return Pruned(model, dict(pruned.masks), pruned.method, pruned.sparsity)
+
+
+def _training(loss_fn, step, data, who: str):
+    """The step function and the list of batches of a fine-tuning run, checked."""
+    if step is None and not callable(loss_fn):
+        raise InputError(f"{who} needs loss_fn(outputs, targets), or a step(model, optimizer, batch)")
+    if step is not None and not callable(step):
+        raise InputError(f"step must be callable as step(model, optimizer, batch) (got {step!r})")
+    batches = list(data() if callable(data) else data)
+    if not batches:
+        raise InputError(f"{who} got no data: pass a non-empty list of (inputs, targets) batches")
+    return step or _default_step(loss_fn), batches
 
 
 def synflow(model: nn.Module, sparsity: float, example: torch.Tensor | tuple, iterations: int = 100) -> Pruned:
@@ -187,23 +216,34 @@ def synflow(model: nn.Module, sparsity: float, example: torch.Tensor | tuple, it
     return _finish(model, masks, "synflow", sparsity)
 
 
-def sensitivity_sampling(model: nn.Module, sparsity: float, batch: Any, seed: int = 0) -> Pruned:
+def sensitivity_sampling(model: nn.Module, sparsity: float, batch: Any, seed: int = 0,
+                         budgets: str = "sensitivity") -> Pruned:
     """Keep weights sampled by empirical sensitivity on ``batch`` (see :func:`sensitivities`).
 
-    The budget of ``K = total - round(sparsity * total)`` kept weights is split across layers in
-    proportion to their sizes (largest remainders, ties to the earlier layer), with at least one
-    weight per layer whenever ``K`` covers every layer. Within a layer of budget ``k``, ``k``
-    weights are sampled without replacement with probability proportional to their sensitivity
-    (successive sampling, drawn as the ``k`` largest keys ``log(u) / s`` with ``u`` uniform from
-    a ``torch.Generator`` seeded by ``seed``); if fewer than ``k`` weights have positive
+    The budget of ``K = total - round(sparsity * total)`` kept weights is split across layers
+    by ``budgets``: ``"sensitivity"`` (default) in proportion to each layer's summed
+    sensitivity, capped at the layer's size with the excess passed on to the other layers
+    (water-filling), as SiPP spends its samples where the sensitivity mass is;
+    ``"proportional"`` in proportion to the layers' sizes. Either way the split uses largest
+    remainders (ties to the earlier layer) and gives at least one weight to every layer
+    whenever ``K`` covers every layer. Within a layer of budget ``k``, ``k`` weights are
+    sampled without replacement with probability proportional to their sensitivity
+    (successive sampling, drawn as the ``k`` largest keys ``log(u) / s`` with ``u`` uniform
+    from a ``torch.Generator`` seeded by ``seed``); if fewer than ``k`` weights have positive
     sensitivity, all of those are kept and the rest of the budget goes to the largest ``|w|``.
     Kept weights are not reweighted (SiPP scales them by ``1 / (m p)``)."""
     params = _check(model, sparsity, "sensitivity_sampling")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise InputError(f"seed must be an int (got {seed!r})")
+    if budgets not in ("sensitivity", "proportional"):
+        raise InputError(f"budgets must be 'sensitivity' or 'proportional' (got {budgets!r})")
     sens = sensitivities(model, batch)
-    budgets = _apportion(sum(p.numel() for p in params.values()) - _pruned_count(params, sparsity),
-                         [p.numel() for p in params.values()])
+    sizes = [p.numel() for p in params.values()]
+    kept = sum(sizes) - _pruned_count(params, sparsity)
+    if budgets == "proportional":
+        budgets = _apportion(kept, sizes)
+    else:
+        budgets = _water_fill(kept, [float(sens[name].double().sum()) for name in params], sizes)
     generator = torch.Generator().manual_seed(int(seed))
     masks = {}
     for (name, w), k in zip(params.items(), budgets):
@@ -387,6 +427,39 @@ def _points(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         padding = 0
     patches = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def _water_fill(budget: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Split ``budget`` in proportion to ``weights``, no entry above its cap: entries whose
+    share would exceed their cap get the cap and the rest is split again among the others
+    (largest remainders at the end, ties to the earlier entry); at least one unit per entry
+    whenever the budget covers every entry with a nonzero cap. Zero total weight falls back
+    to the caps."""
+    shares = [0] * len(caps)
+    free = [i for i in range(len(caps)) if caps[i] > 0]
+    remaining = budget
+    while free:
+        mass = sum(weights[i] for i in free)
+        w = {i: (weights[i] if mass > 0 else caps[i]) for i in free}
+        total = sum(w.values())
+        full = [i for i in free if remaining * w[i] >= caps[i] * total]
+        if not full:
+            exact = {i: remaining * w[i] / total for i in free}
+            for i in free:
+                shares[i] = int(exact[i])
+            left = remaining - sum(shares[i] for i in free)
+            for i in sorted(free, key=lambda i: -(exact[i] - int(exact[i])))[:left]:
+                shares[i] += 1
+            break
+        for i in full:
+            shares[i], remaining = caps[i], remaining - caps[i]
+        free = [i for i in free if i not in full]
+    if budget >= sum(c > 0 for c in caps):
+        for i in range(len(caps)):
+            if shares[i] == 0 and caps[i] > 0:
+                shares[max(range(len(caps)), key=lambda j: shares[j])] -= 1
+                shares[i] = 1
+    return shares
 
 
 def _apportion(budget: int, sizes: list[int]) -> list[int]:

@@ -358,7 +358,7 @@ def test_sensitivity_sampling_prefers_positive_sensitivity_then_magnitude():
 @given(widths=st.lists(st.integers(1, 10), min_size=2, max_size=5), sparsity=st.floats(0, 1, exclude_max=True))
 def test_sensitivity_sampling_budget_split(widths, sparsity):
     model = mlp(0, tuple(widths))
-    pruned = static.sensitivity_sampling(model, sparsity, torch.randn(4, widths[0]))
+    pruned = static.sensitivity_sampling(model, sparsity, torch.randn(4, widths[0]), budgets="proportional")
     sizes = [m.numel() for m in pruned.masks.values()]
     kept = [int(m.sum()) for m in pruned.masks.values()]
     total = sum(sizes)
@@ -368,6 +368,38 @@ def test_sensitivity_sampling_budget_split(widths, sparsity):
         assert min(kept) >= 1
     if all(budget * n >= total for n in sizes):  # no layer needs the one-weight minimum
         assert all(abs(k - budget * n / total) < 1 for k, n in zip(kept, sizes))
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=st.lists(st.floats(0, 100), min_size=1, max_size=6), caps=st.lists(st.integers(0, 50), min_size=6,
+       max_size=6), fraction=st.floats(0, 1))
+def test_water_fill_budgets(weights, caps, fraction):
+    caps = caps[:len(weights)]
+    budget = round(fraction * sum(caps))
+    shares = static._water_fill(budget, weights, caps)
+    assert sum(shares) == budget
+    assert all(0 <= s <= c for s, c in zip(shares, caps))
+    if budget >= sum(c > 0 for c in caps):
+        assert all(s >= 1 for s, c in zip(shares, caps) if c > 0)
+    uncapped = [i for i, (s, c) in enumerate(zip(shares, caps)) if 1 < s < c]
+    mass = sum(weights[i] for i in uncapped)
+    if len(uncapped) > 1 and min(weights) > 0 and budget >= len(caps):  # no fallback split
+        rest = sum(shares[i] for i in uncapped)
+        assert all(abs(shares[i] - rest * weights[i] / mass) < 2 for i in uncapped)
+
+
+def test_sensitivity_budgets_keep_small_sensitive_layers():
+    """The first layer of a wide-classifier model is small but carries much sensitivity mass:
+    sensitivity budgets keep over a quarter of it where size-proportional budgets keep 10%."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 400), nn.ReLU(), nn.Linear(400, 2))
+    x = torch.randn(64, 4)
+    by_sensitivity = static.sensitivity_sampling(model, 0.9, x).per_layer()
+    by_size = static.sensitivity_sampling(model, 0.9, x, budgets="proportional").per_layer()
+    assert abs(by_size["0.weight"] - 0.1) < 0.02
+    assert by_sensitivity["0.weight"] > 0.25
+    with pytest.raises(InputError, match="budgets"):
+        static.sensitivity_sampling(model, 0.9, x, budgets="uniform")
 
 
 def test_sensitivity_sampling_is_deterministic_per_seed():
@@ -463,6 +495,26 @@ def test_finetune_keeps_train_mode():
     model, data = fitted_mlp()
     pruned = static.finetune_iteratively(model.train(), 0.5, data, F.mse_loss, rounds=1)
     assert all(m.training for m in pruned.model.modules())
+
+
+@pytest.mark.parametrize("method", ["synflow", "sensitivity_sampling", "magnitude"])
+def test_finetune_with_fixed_masks(method):
+    model, data = fitted_mlp()
+    x = data[0][0]
+    pruned = {"synflow": lambda: static.synflow(model, 0.8, x, iterations=10),
+              "sensitivity_sampling": lambda: static.sensitivity_sampling(model, 0.8, x),
+              "magnitude": lambda: static.magnitude(model, 0.8)}[method]()
+    before = {k: v.clone() for k, v in pruned.model.state_dict().items()}
+    tuned = static.finetune(pruned, data, F.mse_loss, epochs=20, optimizer=lambda ps: torch.optim.Adam(ps, lr=5e-3))
+    assert all(torch.equal(v, pruned.model.state_dict()[k]) for k, v in before.items())  # input untouched
+    assert loss_on(tuned.model, data) < 0.5 * loss_on(pruned.model, data)
+    weights = dict(tuned.model.named_parameters())
+    assert all(torch.equal(weights[n] != 0, m) for n, m in tuned.masks.items())
+    assert (tuned.method, tuned.sparsity, tuned.report()["pruned"]) == (method, 0.8, pruned.report()["pruned"])
+    with pytest.raises(InputError, match="Pruned"):
+        static.finetune(model, data, F.mse_loss)
+    with pytest.raises(InputError, match="loss_fn"):
+        static.finetune(pruned, data)
 
 
 # ----------------------------------------------------------------------------- with exprune_fx.compile
