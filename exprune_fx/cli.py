@@ -64,7 +64,7 @@ from . import __version__
 from .analysis import analyze
 from .compiler import CompiledModel, ExPruneWarning
 from .compiler import compile as compile_model
-from .config import TESTS, Config
+from .config import MODES, TESTS, Config
 from .dump import FORMATS, dtype_short, render, render_compiled, write_dump
 from .errors import ExPruneError, InputError, TrainingModeError
 from .lifting import lift, normalize_inputs
@@ -72,7 +72,7 @@ from .lifting import lift, normalize_inputs
 PROG = "exprune-fx"
 STAGES = ("lifted", "analyzed", "rewritten")
 STATS_FORMATS = ("text", "json")
-CONFIG_FLAGS = ("k", "test", "alpha", "threshold")
+CONFIG_FLAGS = ("k", "test", "alpha", "threshold", "mode")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _SUFFIX_FORMATS = {".txt": "text", ".json": "json", ".dot": "dot", ".svg": "dot", ".png": "dot"}
 _SPEC_FORMS = "'package.module:callable' or 'path/to/file.py:callable'"
@@ -130,7 +130,7 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _add_config_arguments(command: argparse.ArgumentParser) -> None:
-    """--k, --test, --alpha, --threshold: the exprune_fx.Config to compile with."""
+    """--k, --test, --alpha, --threshold, --mode: the exprune_fx.Config to compile with."""
     group = command.add_argument_group("compile settings (exprune_fx.Config)")
     group.add_argument("--k", type=int, default=None, metavar="K",
                        help="terms computed before the early-exit test (default 32); sites "
@@ -142,6 +142,9 @@ def _add_config_arguments(command: argparse.ArgumentParser) -> None:
                        help="level of the stats test, in [0, 0.5] (default 0.05; 0 prunes nothing)")
     group.add_argument("--threshold", type=float, default=None, metavar="T",
                        help="threshold of the threshold test (default 0.0; inf and -inf allowed)")
+    group.add_argument("--mode", choices=MODES, default=None,
+                       help="statistical (default): the tests above; exact: lossless early exit on "
+                            "non-negative inputs (sign-ordered terms, --k is the check interval)")
 
 
 def build_parser() -> argparse.ArgumentParser:

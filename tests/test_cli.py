@@ -246,6 +246,15 @@ def test_stats_text_prints_prune_rates_and_flops(capsys):
     assert "4.301e+06 dense FLOPs" in lines[-1]  # 4 batches x 2 rows x 2 x 268,800 MACs
 
 
+def test_stats_exact_mode_flag(capsys):
+    status, out, err = run_cli(capsys, "stats", MLP, "--mode", "exact", "--k", "8")
+    assert status == 0 and err == ""
+    assert re.search(r"^linear_1 +linear +relu +256 +8 +\d+\.\d% +rewritten$", out, re.M)
+    assert re.search(r"^linear +linear +relu +- +- +- +dense: exact mode needs a non-negative input", out, re.M)
+    status, out, err = run_cli(capsys, "stats", MLP, "--mode", "lossless")
+    assert status == 2 and "--mode" in err
+
+
 def test_stats_json_parses(capsys):
     status, out, _ = run_cli(capsys, "stats", MLP, "--format", "json", "--batches", "2")
     assert status == 0
