@@ -82,7 +82,8 @@ def expruned(model, val, xt, yt, ks, alphas) -> list[dict]:
     dense = accuracy(model, xt, yt)
     rows = []
     for label, budget in BUDGETS.items():
-        result = exprune_fx.calibrate(compiled, val, max_drop=budget, ks=ks, alphas=alphas, progress=False)
+        result = exprune_fx.calibrate(compiled, val, max_drop=budget, ks=ks, alphas=alphas, exact=False,
+                                      progress=False)
         final = result.compiled
         final.reset_stats()
         value = accuracy(final, xt, yt, batch=500)

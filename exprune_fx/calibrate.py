@@ -123,7 +123,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
               max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
               test: str = "stats", thresholds: Sequence[float] = (-0.02, -0.01, 0.0),
               profile_fraction: float = 0.25, margin: float = 1.0, seed: int = 0, stages: int = 1,
-              progress: bool = True) -> Calibration:
+              exact: bool = True, exact_k: int = 16, progress: bool = True) -> Calibration:
     """Calibrate ``compiled`` (from :func:`exprune_fx.compile`) on ``data``, an iterable of
     ``(inputs, labels)`` batches (or a callable returning one). ``metric(outputs, labels)``
     is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
@@ -133,7 +133,11 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     errors (estimated from the batch-to-batch spread of the paired drops) stays within
     ``max_drop``: small calibration sets otherwise accept drops that were zero by chance.
     ``stages > 1`` calibrates the sequential test (ReLU sites test at k, then the outputs
-    left undecided at 2k, 4k, ...). See the module docstring."""
+    left undecided at 2k, 4k, ...). ``exact`` also offers every site that exact mode can
+    rewrite (a ReLU site with a provably non-negative input) its lossless setting,
+    ``mode="exact"`` with check interval ``exact_k``: no metric drop, so the greedy
+    allocation takes it wherever no statistical setting saves more within the budget.
+    See the module docstring."""
     if not isinstance(compiled, CompiledModel) or getattr(compiled, "source_model", None) is None:
         raise InputError("calibrate() takes what exprune_fx.compile returned (it recompiles the source model)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop and math.isfinite(max_drop)):
@@ -167,7 +171,10 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)
     base = Config(k=min(ks), test=test, stages=stages, **{grid.setting: grid.off})
+    Config(k=exact_k)  # validates
     candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, base, grid, progress)
+    if exact:
+        candidates += _profile_exact(build, evaluate, subset, dense_subset, dataclasses.replace(base, k=exact_k))
     config, steps = _allocate(build, evaluate, base, candidates, dense_batches, max_drop, margin, grid, progress)
 
     final = build(config)
@@ -216,6 +223,18 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
     return candidates, oracle
 
 
+def _profile_exact(build, evaluate, subset, dense_subset, config: Config) -> list[dict]:
+    """One compile with every site in exact mode; each rewritten site's saving on the subset.
+    The drop is measured for the whole variant (zero up to float reassociation)."""
+    variant = build(dataclasses.replace(config, mode="exact"))
+    if not variant.rewritten_sites:
+        return []
+    variant.reset_stats()
+    drop = max(dense_subset - evaluate(variant, subset), 0.0)
+    return [{"site": r.name, "k": config.k, "mode": "exact", "drop": drop, "saving": _site_saving(variant, r.name)}
+            for r in variant.rewritten_sites]
+
+
 def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batches: list, max_drop: float,
               margin: float, grid: _Grid, progress) -> tuple[Config, list[dict]]:
     """Greedy allocation over sites, verified on all the data at every step."""
@@ -229,14 +248,15 @@ def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batch
     steps = []
     for site in tqdm(sorted(by_site, key=lambda s: -efficiency[s]), desc="allocating", disable=not progress):
         for c in sorted(by_site[site], key=lambda c: -c["saving"])[:3]:
-            trial = config.with_site(site, enabled=True, k=c["k"], **{grid.setting: c[grid.setting]})
+            settings = {"mode": "exact"} if c.get("mode") == "exact" else {grid.setting: c[grid.setting]}
+            trial = config.with_site(site, enabled=True, k=c["k"], **settings)
             compiled = build(trial)
             compiled.reset_stats()
             value, trial_batches = evaluate.per_batch(compiled)
             stats = compiled.exprune_stats()
             drop, se = paired_drop(dense_batches, trial_batches)
             accepted = drop + margin * se <= max_drop
-            steps.append({"site": site, "k": c["k"], grid.setting: c[grid.setting], "metric": value,
+            steps.append({"site": site, "k": c["k"], **settings, "metric": value,
                           "drop": drop, "drop_se": se, "reduction": stats["reduction"], "accepted": accepted})
             if accepted:
                 config = trial

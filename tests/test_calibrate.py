@@ -95,3 +95,19 @@ def test_paired_drop_standard_error():
     assert paired_drop(dense, [(100, 0.9)] * 4) == (0.0, 0.0)
     mean, se = paired_drop(dense, [(100, 0.92), (100, 0.88), (100, 0.92), (100, 0.88)])
     assert mean == pytest.approx(0.0) and se > 0.01  # cancelling flips are not a free pass
+
+
+def test_zero_budget_takes_the_lossless_exact_mode(setup):
+    """With no drop allowed, the statistical settings that cost accuracy are refused and the
+    exact mode (which the trained MLP's second ReLU site admits) is chosen: held-out
+    predictions are unchanged and work is still saved."""
+    model, val, test = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4])
+    result = exprune_fx.calibrate(compiled, val, max_drop=0.0, ks=(16,), alphas=(0.2,), exact_k=8, progress=False)
+    assert result.config.for_site("linear_1").mode == "exact"
+    assert result.report["reduction"] > 0
+    with torch.no_grad():
+        for x, _ in test:
+            assert torch.equal(result.compiled(x).argmax(1), model(x).argmax(1))
+    without = exprune_fx.calibrate(compiled, val, max_drop=0.0, ks=(16,), alphas=(0.2,), exact=False, progress=False)
+    assert without.config.for_site("linear_1").mode == "statistical"
