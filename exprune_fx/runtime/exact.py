@@ -118,28 +118,37 @@ def exact_relu_conv2d(x, positive, order, negative, count, offset, stride, paddi
     """Exact early exit for a 2-d convolution (groups 1, x >= 0) followed by a ReLU; a term
     is one weight tap (input channel and kernel position) at one output position.
     ``positive`` is the folded weight with negative taps zeroed; ``order``/``negative`` index
-    each output channel's flattened taps (:func:`sign_order` of the weight viewed [cout, -1])."""
-    cout = positive.shape[0]
+    each output channel's flattened taps (:func:`sign_order` of the weight viewed [cout, -1]).
+
+    Each block of negative taps is one convolution over every output (a block weight holds
+    k taps per output channel): since every term it adds is <= 0, the running sum only falls,
+    an output that was negative before a block stays negative, and adding blocks to outputs
+    that already stopped changes nothing that is read (they are zeroed at the end). So the
+    kernel only counts, per output, the blocks it would have consumed: those checked with
+    a running sum still >= 0."""
+    taps = positive[0].numel()
     running = F.conv2d(x, positive, None, stride, padding, dilation)
     if offset is not None:
         running = running + offset.to(x.dtype)
     per_map = running.shape[0] * running.shape[2] * running.shape[3]  # output positions per channel
-    computed = [per_map * positive.numel()]
-
-    def add_block(lo: int, hi: int, active) -> None:
-        chans = active.any(3).any(2).any(0).nonzero().squeeze(1)
-        some = chans.numel() < 0.75 * cout  # a subset of the channels is cheaper than every channel
-        rows = order[chans, lo:hi] if some else order[:, lo:hi]
-        block = torch.zeros((rows.shape[0], positive[0].numel()), dtype=positive.dtype, device=positive.device)
-        block.scatter_(1, rows, negative[chans, lo:hi] if some else negative[:, lo:hi])
-        part = F.conv2d(x, block.view((-1,) + positive.shape[1:]), None, stride, padding, dilation)
-        if some:
-            running[:, chans] += part.masked_fill_(~active[:, chans], 0)
-        else:
-            running.add_(part.masked_fill_(~active, 0))
-        computed[0] += per_map * block.numel()
-
-    stopped, consumed, checks = _check_blocks(running, count, k, order.shape[1], add_block)
+    count4 = count.view(1, -1, 1, 1)
+    taken = torch.zeros(running.shape, dtype=torch.int32, device=running.device)
+    width = order.shape[1]
+    computed = per_map * positive.numel()
+    for lo in range(0, width, k):
+        going = (running >= 0).logical_and_(count4 > lo)  # checked and not negative: consumes this block
+        if not bool(going.any()):
+            break
+        taken += going
+        hi = min(lo + k, width)
+        block = torch.zeros((order.shape[0], taps), dtype=positive.dtype, device=positive.device)
+        block.scatter_(1, order[:, lo:hi], negative[:, lo:hi])
+        running += F.conv2d(x, block.view(positive.shape), None, stride, padding, dilation)
+        computed += per_map * positive.numel()
+    needed = (count4 + (k - 1)) // k  # blocks an output has
+    stopped = taken < needed
+    consumed = torch.minimum(count4.double(), taken.double() * k)
+    checks = taken.double() + stopped
     _count(stats, stopped, consumed, checks, dense=per_map * ((positive != 0).sum() + count.sum()),
-           partial=per_map * (positive != 0).sum(), computed=computed[0])
+           partial=per_map * (positive != 0).sum(), computed=computed)
     return running.masked_fill_(stopped, 0)
