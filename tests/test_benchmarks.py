@@ -1,0 +1,36 @@
+"""Smoke runs of the benchmark scripts on tiny slices (the full runs are `make bench`)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from exprune_fx.datasets import FASHION_MNIST_ROOT
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+pytestmark = pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir(), reason="dataset-fashion-mnist is not installed")
+
+
+def test_static_pruning_benchmark_smoke(tmp_path):
+    import static_pruning
+
+    rows = static_pruning.main(["--out", str(tmp_path), "--sparsities", "0.9", "--pruners", "magnitude",
+                                "--train", "256", "--finetune-epochs", "1", "--val", "100", "--test", "200",
+                                "--exact-test", "20", "--ks", "8", "--alphas", "0.2"])
+    assert [r["budget"] for r in rows] == ["negligible (0.1%)", "1%"]
+    for r in rows:
+        assert abs(r["achieved_sparsity"] - 0.9) < 1e-5
+        assert -1 < r["reduction"] < 1 and 0 < r["exact_reduction_dense_model"] < 1
+    assert json.loads((tmp_path / "static_pruning.json").read_text()) == rows
+    assert "| vgg | magnitude | 90% |" in (tmp_path / "static_pruning.md").read_text()
+
+
+def test_calibration_benchmark_smoke(tmp_path):
+    import calibration
+
+    rows = calibration.main(["--out", str(tmp_path), "--models", "gcn", "--val", "100", "--test", "100",
+                             "--tests", "stats", "--ks", "8", "--quiet"])
+    assert {(r["model"], r["test"]) for r in rows} == {("gcn", "stats")} and len(rows) == 2
+    assert all(0 <= r["oracle_reduction"] < 1 and r["evaluations"] <= 100 for r in rows)
+    assert (tmp_path / "pareto_gcn.png").stat().st_size > 0
