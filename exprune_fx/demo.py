@@ -91,8 +91,10 @@ def run(out: str | Path = "demo-out", val: int = 1000, test: int = 10000, max_dr
         compiled = compile_model(model, xt[:4])
     failures = check_symmetry(model, xt[:4], compiled.analysis)
     free = sum(1 for c in compiled.analysis.free_classes if c.parameters)
-    print(f"ResNet-style CNN, {len(compiled.sites)} reduction sites, {len(compiled.rewritten_sites)} rewritten; "
-          f"symmetry check: permuted {free} free classes, {len(failures)} failures")
+    sites = compiled.analysis.sites
+    exact = sum(s.exact_reason is None for s in sites)
+    print(f"ResNet-style CNN, {len(sites)} reduction sites ({sum(s.eligible for s in sites)} eligible for "
+          f"ExPrune, {exact} for exact mode); symmetry check: permuted {free} free classes, {len(failures)} failures")
     for failure in failures:
         print(f"  {failure}")
 
