@@ -240,13 +240,10 @@ def sensitivity_sampling(model: nn.Module, sparsity: float, batch: Any, seed: in
     sens = sensitivities(model, batch)
     sizes = [p.numel() for p in params.values()]
     kept = sum(sizes) - _pruned_count(params, sparsity)
-    if budgets == "proportional":
-        budgets = _apportion(kept, sizes)
-    else:
-        budgets = _water_fill(kept, [float(sens[name].double().sum()) for name in params], sizes)
+    mass = sizes if budgets == "proportional" else [float(sens[name].double().sum()) for name in params]
     generator = torch.Generator().manual_seed(int(seed))
     masks = {}
-    for (name, w), k in zip(params.items(), budgets):
+    for (name, w), k in zip(params.items(), _water_fill(kept, mass, sizes)):  # caps never bind on sizes
         masks[name] = _sample_layer(sens[name], w.detach().abs(), k, generator).to(w.device)
     return _finish(model, masks, "sensitivity_sampling", sparsity)
 
@@ -458,22 +455,6 @@ def _water_fill(budget: int, weights: list[float], caps: list[int]) -> list[int]
         for i in range(len(caps)):
             if shares[i] == 0 and caps[i] > 0:
                 shares[max(range(len(caps)), key=lambda j: shares[j])] -= 1
-                shares[i] = 1
-    return shares
-
-
-def _apportion(budget: int, sizes: list[int]) -> list[int]:
-    """Split ``budget`` in proportion to ``sizes`` (largest remainders, ties to the earlier
-    entry), then move one unit to every empty entry from the largest, if the budget allows."""
-    total = sum(sizes)
-    shares = [budget * n // total for n in sizes]
-    order = sorted(range(len(sizes)), key=lambda i: -(budget * sizes[i] % total))
-    for i in order[:budget - sum(shares)]:
-        shares[i] += 1
-    if budget >= len(sizes):
-        for i in range(len(sizes)):
-            if shares[i] == 0:
-                shares[max(range(len(sizes)), key=lambda j: shares[j])] -= 1
                 shares[i] = 1
     return shares
 

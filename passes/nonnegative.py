@@ -34,6 +34,8 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from .rules import RuleContext
+
 META_NONNEGATIVE = "exprune.nonnegative"
 
 aten = torch.ops.aten
@@ -56,19 +58,13 @@ def _packet(node: Node):
     return getattr(node.target, "overloadpacket", node.target)
 
 
-def _arg(node: Node, name: str, position: int, default):
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[position] if len(node.args) > position else default
-
-
 def _is_relu_family(node: Node) -> bool:
     p = _packet(node)
     if p in (aten.clamp_min, aten.clamp_min_, aten.clamp, aten.clamp_):
-        low = _arg(node, "min", 1, None)
+        low = RuleContext.arg(node, "min")
         return isinstance(low, numbers.Real) and low >= 0
     if p in (aten.hardtanh, aten.hardtanh_):
-        return _arg(node, "min_val", 1, -1.0) >= 0
+        return RuleContext.arg(node, "min_val", -1.0) >= 0
     if p is aten.threshold:
         return node.args[1] >= 0 and node.args[2] >= 0
     return False
@@ -78,9 +74,7 @@ def _value_ok(value, known: dict[Node, bool]) -> bool:
     """A non-negative node, a scalar >= 0, or a tuple/list of them."""
     if isinstance(value, Node):
         return known.get(value, False)
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, numbers.Real):
+    if isinstance(value, numbers.Real):  # bools included
         return value >= 0
     if isinstance(value, (tuple, list)):
         return all(_value_ok(v, known) for v in value)
@@ -100,15 +94,11 @@ def _rule(node: Node, known: dict[Node, bool], constants: dict[str, torch.Tensor
     p = _packet(node)
     if p in _ALWAYS or _is_relu_family(node):
         return True
-    if p is operator.getitem:
-        return _value_ok(node.args[0], known)
-    if p in _PRESERVE:
+    if p is operator.getitem or p in _PRESERVE or p in _SEQUENCE:  # cat/stack: args[0] is the list
         return _value_ok(node.args[0], known)
     if p in _BOTH:
         alpha = node.kwargs.get("alpha", 1)
         return _value_ok(list(node.args[:2]), known) and isinstance(alpha, numbers.Real) and alpha >= 0
-    if p in _SEQUENCE:
-        return _value_ok(node.args[0], known)
     return False
 
 

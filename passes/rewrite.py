@@ -320,23 +320,28 @@ def _device(gm: GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
+def _static_operands(gm, node: Node, kind: str):
+    """``(x, weight node or None, weight [N, K], bias)`` of a linear/addmm/mm/matmul node whose
+    weight is a compile-time value (the node is given only for ``linear``, whose weight needs
+    no transpose), or None when the right operand is a run-time value."""
+    args = node.args
+    if kind == "linear":
+        return args[0], args[1], static_value(gm, args[1]), RuleContext.arg(node, "bias")
+    if kind == "addmm":
+        return args[1], None, static_value(gm, args[2]).T, args[0]
+    if not _is_static(gm, args[1]):
+        return None
+    weight = static_value(gm, args[1])  # mm / matmul / bmm with a compile-time right operand
+    if weight.dim() != 2:
+        raise NotRewritable("batched matmul with a compile-time operand: not rewritten yet")
+    return args[0], None, weight.T, None
+
+
 def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
-    node, args = chain[0], chain[0].args
-    w_node = None
-    if site.kind == "linear":
-        x, w_node, bias = args[0], args[1], RuleContext.arg(node, "bias")
-        weight = static_value(gm, w_node)
-    elif site.kind == "addmm":
-        bias, x = args[0], args[1]
-        weight = static_value(gm, args[2]).T
-    elif _is_static(gm, args[1]):  # mm / matmul / bmm with a compile-time right operand
-        x, bias = args[0], None
-        weight = static_value(gm, args[1])
-        if weight.dim() != 2:
-            raise NotRewritable("batched matmul with a compile-time operand: not rewritten yet")
-        weight = weight.T
-    else:  # a product of two run-time values: the kernel takes the right operand transposed
+    operands = _static_operands(gm, chain[0], site.kind)
+    if operands is None:  # a product of two run-time values: the kernel takes the right operand transposed
         return _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test)
+    x, w_node, weight, bias = operands
     features, big_k = weight.shape
     if bias is not None:
         aff.add(bias)  # y = x W^T + b: the bias is the first step of the epilogue
@@ -457,18 +462,10 @@ def _exact_call(gm, builder, chain, value, site, aff, cfg) -> tuple[Node, int]:
             aff.add(static_value(gm, bias).reshape(-1, 1, 1))
         features, feature_dim = weight.shape[0], 3
     else:
-        if site.kind == "linear":
-            x, w, bias = args[0], args[1], RuleContext.arg(node, "bias")
-        elif site.kind == "addmm":
-            bias, x, w = args[0], args[1], args[2]
-        else:
-            x, w, bias = args[0], args[1], None
-        if not _is_static(gm, w):
+        operands = _static_operands(gm, node, site.kind)
+        if operands is None:
             raise NotRewritable("exact mode needs a compile-time weight")
-        weight = static_value(gm, w)
-        weight = weight if site.kind == "linear" else weight.T
-        if weight.dim() != 2:
-            raise NotRewritable("batched matmul with a compile-time operand: not rewritten yet")
+        x, _, weight, bias = operands
         if bias is not None:
             aff.add(bias)
         features, feature_dim = weight.shape[0], 1

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from .counters import add
+from .kernels import _CHUNK_ELEMENTS
 
-_GATHER_ELEMENTS = 1 << 24  # bound on one gathered [rows, outputs, k] block (64 MiB of float32)
 
 
 def sign_order(folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +101,7 @@ def exact_relu_matmul(x, positive, order, negative, count, offset, k: int, stats
     def add_block(lo: int, hi: int, active) -> None:
         cols = active.any(0).nonzero().squeeze(1)
         idx, val = order[cols, lo:hi], negative[cols, lo:hi]
-        step = max(1, _GATHER_ELEMENTS // max(1, cols.numel() * (hi - lo)))
+        step = max(1, _CHUNK_ELEMENTS // max(1, cols.numel() * (hi - lo)))
         for r in range(0, m, step):
             part = (x2[r:r + step, idx] * val).sum(-1)  # [rows, cols]
             running[r:r + step, cols] += torch.where(active[r:r + step, cols], part, 0)

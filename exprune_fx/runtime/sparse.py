@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .counters import add
-from .kernels import STATS, THRESHOLD, _decide_negative, _wide
+from .kernels import _CHUNK_ELEMENTS, STATS, THRESHOLD, _decide_negative, _wide
 
-_GATHER_ELEMENTS = 1 << 24
 
 
 def worth_testing(nonzero_terms: torch.Tensor, term_macs: torch.Tensor | float, k: int, test: int) -> torch.Tensor:
@@ -64,12 +63,12 @@ def linear_layout(weight: torch.Tensor, k: int, test: int):
             worth_testing(counts, 1, k, test) & (counts > k))
 
 
-def _gathered_sums(x2, idx, w, test: int, rows: slice | None = None):
+def _gathered_sums(x2, idx, w, test: int):
     """Sum (and sum of squares unless threshold) of x2[:, idx[j]] * w[j] per row and output."""
     m = x2.shape[0]
     s1 = x2.new_empty(m, idx.shape[0])
     s2 = None if test == THRESHOLD else x2.new_empty(m, idx.shape[0])
-    step = max(1, _GATHER_ELEMENTS // max(1, idx.numel()))
+    step = max(1, _CHUNK_ELEMENTS // max(1, idx.numel()))
     for r in range(0, m, step):
         t = x2[r:r + step, idx] * w  # [rows, N, terms]
         s1[r:r + step] = t.sum(-1)
