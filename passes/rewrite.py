@@ -354,8 +354,6 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
         split = builder.call(aten.unflatten.int, x, -1, [before, n, after])
         x = builder.call(aten.flatten.using_ints, builder.call(aten.transpose.int, split, -3, -2), -3, -1)
         w_node = None
-    if w_node is None:
-        w_node = builder.buffer("weight", weight)
     scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
@@ -363,9 +361,13 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
         layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(linear_layout(weight, cfg.k, test))]
         return builder.call(torch.ops.exprune.sparse_relu_matmul.default, x, *layout, scale, offset, cfg.k, test,
                             _critical(builder, cfg.critical), counters)
-    if site.decision == "relu":
-        return builder.call(torch.ops.exprune.relu_matmul.default, x, w_node, scale, offset, before * after, cfg.k,
+    if site.decision == "relu":  # the weight split after the first k terms: two dense blocks for the kernels
+        kh = cfg.k * before * after
+        head, rest = builder.buffer("head", weight[:, :kh]), builder.buffer("rest", weight[:, kh:])
+        return builder.call(torch.ops.exprune.relu_linear.default, x, head, rest, scale, offset, before * after, cfg.k,
                             test, _critical(builder, cfg.critical), counters, cfg.stages)
+    if w_node is None:
+        w_node = builder.buffer("weight", weight)
     return builder.call(torch.ops.exprune.argmax_matmul.default, x, w_node, scale, offset, before * after, cfg.k,
                         test, _critical(builder, cfg.dominance_critical(features)), counters)
 

@@ -187,10 +187,12 @@ def test_rewritten_text_dump_marks_early_exit_ops(capsys):
     lines = out.splitlines()
     early = [line for line in lines if "EARLY-EXIT" in line]
     assert len(early) == 1 and early[0].endswith(EARLY_EXIT_LINEAR_1)
-    assert early[0].startswith("%relu_matmul_default = exprune.relu_matmul.default(%relu, ")
+    assert early[0].startswith("%relu_linear_default = exprune.relu_linear.default(%relu, ")
     dense = next(line for line in lines if line.startswith("%linear = aten.linear.default("))
     assert "DENSE site=linear: no free factor" in dense
-    assert "%_2_weight = get_attr[2.weight]  f32[256, 256]" in out
+    # the weight, split at compile time after its first k=32 terms
+    assert "%exprune_1_linear_1_head = get_attr[exprune_1_linear_1_head]  f32[256, 32]" in out
+    assert "%exprune_1_linear_1_rest = get_attr[exprune_1_linear_1_rest]  f32[256, 224]" in out
     assert not any(line.startswith("%linear_1 = ") for line in lines)  # replaced by the op
     # the footer is CompiledModel.report()
     assert any(line.startswith("sites (3, 1 rewritten to early exit") for line in lines)
@@ -208,7 +210,7 @@ def test_rewritten_json_dump_lists_sites(capsys):
     assert sites["linear_1"]["rewritten"] and sites["linear_1"]["counters"] == "exprune_1_linear_1_counters"
     assert not sites["linear"]["rewritten"] and sites["linear"]["reason"]
     early = [n for n in data["nodes"] if n["early_exit"]]
-    assert [(n["target"], n["site"]) for n in early] == [("exprune.relu_matmul.default", sites["linear_1"])]
+    assert [(n["target"], n["site"]) for n in early] == [("exprune.relu_linear.default", sites["linear_1"])]
     assert early[0]["args"][-2:] == ["%exprune_1_linear_1_counters", "1"]  # counters, stages
     assert [n["site"]["name"] for n in data["nodes"] if n["site"] and not n["early_exit"]] == ["linear", "linear_2"]
 
@@ -217,10 +219,10 @@ def test_rewritten_dot_fills_early_exit_ops_with_config_flags(capsys, models_py)
     status, out, _ = run_cli(capsys, "dump", f"{models_py}:make", "--stage", "rewritten", "--format", "dot",
                              "--k", "4", "--test", "threshold")
     assert status == 0 and out.startswith("digraph")
-    assert re.search(r'"relu_matmul_default" \[label="[^"]*early exit: linear_1 k=4 threshold", '
+    assert re.search(r'"relu_linear_default" \[label="[^"]*early exit: linear_1 k=4 threshold", '
                      r'style="filled", fillcolor="lightblue"\]', out)
     assert re.search(r'"linear_2" \[label="[^"]*dense site linear_2", style="filled", fillcolor="orange"\]', out)
-    assert '"exprune_1_linear_1_counters" -> "relu_matmul_default";' in out
+    assert '"exprune_1_linear_1_counters" -> "relu_linear_default";' in out
 
 
 def test_rewritten_dump_notes_when_nothing_is_rewritten(capsys, models_py):

@@ -191,9 +191,9 @@ def test_trained_model_saves_flops_within_one_point():
 def test_rewritten_graph_exports_and_prints():
     model, x = mlp(widths=(8, 64, 64, 3))
     compiled = exprune_fx.compile(model, x, Config(alpha=0.1, k=16))
-    assert "exprune.relu_matmul" in compiled.graph_module.code
+    assert "exprune.relu_linear" in compiled.graph_module.code
     exported = torch.export.export(compiled.graph_module, (x,), strict=False)
-    assert any("exprune.relu_matmul" in str(n.target) for n in exported.graph.nodes)
+    assert any("exprune.relu_linear" in str(n.target) for n in exported.graph.nodes)
 
 
 def test_inductor_compiles_around_the_runtime_ops():

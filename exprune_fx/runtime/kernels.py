@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import fast
 from .counters import add
 
 STATS, THRESHOLD = 0, 1
@@ -91,18 +92,34 @@ def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical
     ``stages > 1`` tests the outputs left undecided again at 2k, 4k, ... terms."""
     if weight.dim() > 2:
         return _relu_batched(x, weight, scale, offset, unit, k, test, critical, stats, stages)
-    lead, big_k, n_out = x.shape[:-1], x.shape[-1], weight.shape[0]
+    return relu_linear(x, weight[:, :k * unit], weight[:, k * unit:], scale, offset, unit, k, test, critical, stats,
+                       stages)
+
+
+def relu_linear(x, head, rest, scale, offset, unit: int, k: int, test: int, critical: float, stats,
+                stages: int = 1):
+    """:func:`relu_matmul` on a weight split after its first k terms: ``head`` [N, k * unit]
+    and ``rest`` [N, K - k * unit] (the rewrite splits compile-time weights, so that the
+    partial products read one dense block). Runs the fast kernel where :func:`fast.choose`
+    says it pays."""
+    lead, big_k, n_out = x.shape[:-1], x.shape[-1], head.shape[0]
     x2 = x.reshape(-1, big_k)
-    m, n = x2.shape[0], big_k // unit
+    m, n, kh = x2.shape[0], big_k // unit, k * unit
     ks = stage_ks(k, n, stages)
-    s1, s2 = _term_sums(x2[:, :k * unit], weight[:, :k * unit], k, unit, test)
+    if fast.supported(x2, head, rest) and fast.choose(m, kh / big_k, stats):
+        c = None if offset is None else _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
+        out = fast.relu_linear(x2, head, rest, scale, c, unit, ks, test, critical, stats)
+        if out is not None:
+            return out.reshape(lead + (n_out,))
+    s1, s2 = _term_sums(x2[:, :kh], head, k, unit, test)
     c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     a = scale.to(x2.dtype)
-    computed = [m * n_out * k * unit]
+    computed = [m * n_out * kh]
 
     def more(lo: int, hi: int, undecided) -> None:  # terms lo..hi for the columns still undecided
         cols = undecided.any(0).nonzero().squeeze(1)
-        d1, d2 = _term_sums(x2[:, lo * unit:hi * unit], weight[cols, lo * unit:hi * unit], hi - lo, unit, test)
+        d1, d2 = _term_sums(x2[:, lo * unit:hi * unit], rest[cols, (lo - k) * unit:(hi - k) * unit], hi - lo, unit,
+                            test)
         s1[:, cols] += d1
         if s2 is not None:
             s2[:, cols] += d2
@@ -111,16 +128,17 @@ def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical
     pruned, used, tested = _staged_test(s1, s2, a, c, n, test, critical, ks, more)
     keep = ~pruned
     ku = ks[-1] * unit  # every output still kept has consumed this many terms
+    x_rest, w_rest = x2[:, ku:], rest[:, ku - kh:]
     cols = keep.any(0).nonzero().squeeze(1)
     rest_macs = 0
     if cols.numel() == n_out:
-        out = torch.addcmul(c, a, (x2[:, ku:] @ weight[:, ku:].T).add_(s1)).masked_fill_(pruned, 0)
+        out = torch.addcmul(c, a, (x_rest @ w_rest.T).add_(s1)).masked_fill_(pruned, 0)
         rest_macs = m * n_out * (big_k - ku)
     else:
         out = torch.zeros(m, n_out, dtype=x2.dtype, device=x2.device)
     if 0 < cols.numel() < n_out:
         cc = c if c.dim() == 0 else c[:, cols]
-        z = a[cols] * (s1[:, cols] + x2[:, ku:] @ weight[cols, ku:].T) + cc
+        z = a[cols] * (s1[:, cols] + x_rest @ w_rest[cols].T) + cc
         out[:, cols] = torch.where(keep[:, cols], z, 0)
         rest_macs = m * cols.numel() * (big_k - ku)
     _count_relu(stats, pruned, used, tested, unit, big_k, test, computed[0] + rest_macs, out, k)

@@ -39,6 +39,19 @@ def _relu_matmul_fake(x, weight, scale, offset, unit, k, test, critical, stats, 
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
 
+@torch.library.custom_op("exprune::relu_linear", mutates_args=("stats",))
+def relu_linear(x: Tensor, head: Tensor, rest: Tensor, scale: Tensor, offset: Optional[Tensor], unit: int, k: int,
+                test: int, critical: Tensor, stats: Tensor, stages: int = 1) -> Tensor:
+    """Early negative prediction for ``x @ [head | rest].T`` with the weight split at compile
+    time after its first k terms; the fast kernels run here (see kernels.relu_linear)."""
+    return kernels.relu_linear(x, head, rest, scale, offset, unit, k, test, critical, stats, stages)
+
+
+@relu_linear.register_fake
+def _relu_linear_fake(x, head, rest, scale, offset, unit, k, test, critical, stats, stages=1):
+    return x.new_empty(x.shape[:-1] + (head.shape[0],))
+
+
 @torch.library.custom_op("exprune::argmax_matmul", mutates_args=("stats",))
 def argmax_matmul(x: Tensor, weight: Tensor, scale: Tensor, offset: Optional[Tensor], unit: int, k: int,
                   test: int, critical: Tensor, stats: Tensor) -> Tensor:

@@ -1,0 +1,265 @@
+// Fast CPU kernels for linear-like ExPrune sites (float32), built on first use by
+// exprune_fx/runtime/fast.py. Semantics are those of the reference kernels in kernels.py:
+// the same terms, tests, decisions and counters; only the work done differs. Each output
+// (row i, feature j) reads the first k terms of its weight row, is tested, and reads the rest of
+// the row only when it survives, so the work is proportional to the surviving outputs.
+//
+// Layouts: x [M, K] and w [N, K] row-major and contiguous (the rewrite made every term's
+// `unit` elements contiguous); offset is [M, N] with any strides (0 for broadcast) or empty.
+// Counters are the float64 vector of counters.py, updated in place.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// One vector accumulator per 16 lanes: `omp simd` lets the compiler reassociate the sum.
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Four rows' dot products with one weight row: the weight is loaded once for the four.
+inline void dot4(const float* w, const float* x0, const float* x1, const float* x2, const float* x3, int64_t n,
+                 float* out) {
+  constexpr int L = 16;
+  float a0[L] = {0}, a1[L] = {0}, a2[L] = {0}, a3[L] = {0};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) {
+      const float v = w[i + l];
+      a0[l] += v * x0[i + l];
+      a1[l] += v * x1[i + l];
+      a2[l] += v * x2[i + l];
+      a3[l] += v * x3[i + l];
+    }
+  }
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (; i < n; ++i) {
+    s0 += w[i] * x0[i], s1 += w[i] * x1[i], s2 += w[i] * x2[i], s3 += w[i] * x3[i];
+  }
+  for (int l = 0; l < L; ++l) s0 += a0[l], s1 += a1[l], s2 += a2[l], s3 += a3[l];
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+// Sum and sum of squares of `terms` terms of `unit` elements each.
+inline void term_sums(const float* x, const float* w, int64_t terms, int64_t unit, bool squares, float& s1,
+                      float& s2) {
+  if (!squares) {
+    s1 += dot(x, w, terms * unit);
+    return;
+  }
+  if (unit == 1) {
+    float a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t t = 0; t < terms; ++t) {
+      const float v = x[t] * w[t];
+      a += v;
+      b += v * v;
+    }
+    s1 += a, s2 += b;
+    return;
+  }
+  for (int64_t t = 0; t < terms; ++t) {
+    const float v = dot(x + t * unit, w + t * unit, unit);
+    s1 += v;
+    s2 += v * v;
+  }
+}
+
+enum { kCalls, kOutputs, kPruned, kDense, kPartial, kTest, kRemainder, kComputed, kNegative, kFields };
+
+struct Tally {
+  double pruned = 0, used = 0, tests = 0, remainder = 0, negative = 0;
+};
+
+struct Offset {
+  const float* p = nullptr;
+  int64_t s0 = 0, s1 = 0;
+  float at(int64_t i, int64_t j) const { return p ? p[i * s0 + j * s1] : 0.0f; }
+};
+
+Offset offset_view(const at::Tensor& offset) {
+  Offset o;
+  if (offset.defined() && offset.numel()) {
+    o.p = offset.data_ptr<float>();
+    o.s0 = offset.stride(0);
+    o.s1 = offset.stride(1);
+  }
+  return o;
+}
+
+}  // namespace
+
+// Early negative prediction for relu(a * (x @ w.T) + c), w = [head | rest] split at compile
+// time after the first k terms (head [N, k*unit], rest [N, K - k*unit], both contiguous, so
+// that the partial products read one dense block). Returns z with pruned outputs 0. `ks` are the
+// stage term counts (k, 2k, ...); test 0 = stats (mean < critical * se), 1 = threshold
+// (mean < critical). Work is split in blocks of outputs; for each output every row is tested,
+// then the surviving rows get their remainders four rows at a time.
+at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& head, const at::Tensor& rest, const at::Tensor& scale,
+                       const at::Tensor& offset, int64_t unit, std::vector<int64_t> ks, int64_t test, double critical,
+                       at::Tensor counters) {
+  const int64_t m = x.size(0), big_k = x.size(1), n_out = head.size(0);
+  const int64_t kh = head.size(1), kr = rest.size(1), n = big_k / unit, k = kh / unit;
+  auto out = at::empty({m, n_out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* hp = head.data_ptr<float>();
+  const float* rp = rest.data_ptr<float>();
+  const float* ap = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Offset c = offset_view(offset);
+  const bool stats = test == 0;
+  const float crit = static_cast<float>(critical);
+  const int64_t skip = (ks.back() - k) * unit;  // rest columns every survivor has consumed
+  // per stage: 1/stage and the variance factor 1/(stage (stage-1)) (n-stage)/(n-1)
+  std::vector<float> inv(ks.size()), fpc(ks.size());
+  for (size_t q = 0; q < ks.size(); ++q) {
+    inv[q] = 1.0f / ks[q];
+    fpc[q] = static_cast<float>(n - ks[q]) / (static_cast<float>(n - 1) * ks[q] * (ks[q] - 1));
+  }
+  const float inv_n = 1.0f / n;
+  const int64_t block = 16;
+  const int64_t blocks = (n_out + block - 1) / block;
+  std::vector<Tally> tallies(blocks);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, m * block * big_k));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> s1(m);
+    std::vector<int64_t> alive;
+    for (int64_t b = b0; b < b1; ++b) {
+      Tally t;
+      const int64_t j1 = std::min(n_out, (b + 1) * block);
+      for (int64_t j = b * block; j < j1; ++j) {
+        const float* hr = hp + j * kh;
+        const float* rr = rp + j * kr;
+        const float a = ap[j];
+        alive.clear();
+        for (int64_t i = 0; i < m; ++i) {
+          const float* xr = xp + i * big_k;
+          const float cij = c.at(i, j);
+          float a1 = 0, a2 = 0;
+          int64_t done = 0;
+          bool pruned = false;
+          for (size_t q = 0; q < ks.size(); ++q) {
+            if (q == 0) {
+              term_sums(xr, hr, k, unit, stats, a1, a2);
+            } else {
+              term_sums(xr + done * unit, rr + (done - k) * unit, ks[q] - done, unit, stats, a1, a2);
+            }
+            done = ks[q];
+            t.tests += 1;
+            const float mean = a * a1 * inv[q] + cij * inv_n;
+            if (stats) {
+              const float se = std::sqrt(a * a * std::max(a2 - a1 * a1 * inv[q], 0.0f) * fpc[q]);
+              pruned = mean < crit * se;
+            } else {
+              pruned = mean < crit;
+            }
+            if (pruned) break;
+          }
+          t.used += done;
+          s1[i] = a1;
+          if (pruned) {
+            t.pruned += 1;
+            op[i * n_out + j] = 0.0f;
+          } else {
+            alive.push_back(i);
+          }
+        }
+        // the remainders of the surviving rows (all have consumed ks.back() terms)
+        const int64_t lo = kh + skip, len = kr - skip;
+        const float* wrest = rr + skip;
+        size_t q = 0;
+        float r4[4];
+        for (; q + 4 <= alive.size(); q += 4) {
+          dot4(wrest, xp + alive[q] * big_k + lo, xp + alive[q + 1] * big_k + lo, xp + alive[q + 2] * big_k + lo,
+               xp + alive[q + 3] * big_k + lo, len, r4);
+          for (int r = 0; r < 4; ++r) {
+            const int64_t i = alive[q + r];
+            const float z = a * (s1[i] + r4[r]) + c.at(i, j);
+            op[i * n_out + j] = z;
+            t.negative += z < 0;
+          }
+        }
+        for (; q < alive.size(); ++q) {
+          const int64_t i = alive[q];
+          const float z = a * (s1[i] + dot(wrest, xp + i * big_k + lo, len)) + c.at(i, j);
+          op[i * n_out + j] = z;
+          t.negative += z < 0;
+        }
+        t.remainder += static_cast<double>(alive.size()) * len;
+      }
+      tallies[b] = t;
+    }
+  });
+  Tally total;
+  for (const Tally& t : tallies) {
+    total.pruned += t.pruned, total.used += t.used, total.tests += t.tests;
+    total.remainder += t.remainder, total.negative += t.negative;
+  }
+  const double outputs = static_cast<double>(m) * n_out;
+  const double test_macs = stats ? total.used + 4 * total.tests : 2 * total.tests;
+  double* cp = counters.data_ptr<double>();
+  cp[kCalls] += 1;
+  cp[kOutputs] += outputs;
+  cp[kPruned] += total.pruned;
+  cp[kDense] += outputs * big_k;
+  cp[kPartial] += total.used * unit;
+  cp[kTest] += test_macs;
+  cp[kRemainder] += total.remainder;
+  cp[kComputed] += total.used * unit + total.remainder + test_macs;
+  cp[kNegative] += total.negative;
+  return out;
+}
+
+// Zero-skip linear: y = x @ wt + bias, reading only the rows of wt [K, N] whose input is
+// nonzero (an embedding-bag style weighted sum). Returns y; `skipped` gets the MACs skipped.
+at::Tensor zero_skip_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, at::Tensor counters) {
+  const int64_t m = x.size(0), big_k = x.size(1), n_out = wt.size(1);
+  auto out = at::empty({m, n_out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wt.data_ptr<float>();
+  const float* bp = bias.defined() && bias.numel() ? bias.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  std::vector<int64_t> nonzero(m, 0);
+  const int64_t block = 256;  // output columns per task
+  const int64_t blocks = (n_out + block - 1) / block;
+  at::parallel_for(0, m * blocks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, big_k)), [&](int64_t t0, int64_t t1) {
+    std::vector<int64_t> idx;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t i = task / blocks, j0 = (task % blocks) * block, j1 = std::min(n_out, j0 + block);
+      const float* xr = xp + i * big_k;
+      float* yr = op + i * n_out;
+      for (int64_t j = j0; j < j1; ++j) yr[j] = bp ? bp[j] : 0.0f;
+      int64_t count = 0;
+      for (int64_t q = 0; q < big_k; ++q) {
+        const float v = xr[q];
+        if (v == 0.0f) continue;
+        ++count;
+        const float* row = wp + q * n_out;
+        for (int64_t j = j0; j < j1; ++j) yr[j] += v * row[j];
+      }
+      if (j0 == 0) nonzero[i] = count;
+    }
+  });
+  double read = 0;
+  for (int64_t v : nonzero) read += v;
+  double* cp = counters.data_ptr<double>();
+  cp[kCalls] += 1;
+  cp[kOutputs] += static_cast<double>(m) * n_out;
+  cp[kDense] += static_cast<double>(m) * n_out * big_k;
+  cp[kComputed] += read * n_out;
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("relu_linear", &relu_linear, "ExPrune early exit for relu(a * x @ w.T + c), float32 CPU");
+  module.def("zero_skip_linear", &zero_skip_linear, "x @ wt + bias over the nonzero inputs only, float32 CPU");
+}

@@ -1,0 +1,150 @@
+"""Fast CPU kernels: the reference semantics at a cost proportional to the surviving outputs.
+
+The reference kernels (:mod:`.kernels`) compute a site's first ``k`` terms for every output
+with one matmul and the remainder for whole output columns, so on a decode-style call
+(a few rows) they do about as much work as the dense layer, plus the test. The fast kernels
+(``csrc/fast_kernels.cpp``, compiled with ``torch.utils.cpp_extension`` on first use and
+cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) read each output's
+first ``k`` terms, test it, and read the rest of its weight row only when it survives.
+
+Which kernels run is a process-wide setting:
+
+* ``"auto"`` (default): fast where :func:`choose` says it pays, reference elsewhere; when the
+  extension cannot be built (no C++ compiler), reference everywhere, with one warning;
+* ``"fast"``: fast wherever the call is supported (float32 CPU, 2-d weight), whatever the cost;
+* ``"reference"``: the reference kernels only (the count-only simulation).
+
+Set it with :func:`use` (also a context manager) or the ``EXPRUNE_KERNELS`` environment
+variable. Outputs and counters are the same under every setting, except ``computed`` (the
+MACs the kernel actually spent) and float rounding.
+
+Example:
+    >>> import torch
+    >>> from exprune_fx.runtime import fast
+    >>> with fast.use("reference"):
+    ...     fast.current()
+    'reference'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+SETTINGS = ("auto", "fast", "reference")
+_SOURCE = Path(__file__).parent / "csrc" / "fast_kernels.cpp"
+_state = {"setting": os.environ.get("EXPRUNE_KERNELS", "auto"), "module": None, "failed": None}
+_lock = threading.Lock()
+
+# The cost model's bound, in dense weight reads per call. The row-wise kernel reads each weight
+# row once per input row, while BLAS reuses a row across input rows: measured on 2 cores
+# (benchmarks/wallclock.py and docs/benchmarks.md), the row-wise kernel is at least as fast as
+# the reference kernel up to about 8 rows whatever the survivors, and up to 64 rows when few
+# outputs survive. It is chosen when rows x (k-share + (1 - k-share) x survivor share) is at
+# most this bound.
+ROW_BUDGET = 8.0
+
+
+def use(setting: str):
+    """Set the kernels for the whole process; as a context manager, restore the old setting on exit."""
+    if setting not in SETTINGS:
+        raise InputError(f"kernels must be one of {SETTINGS} (got {setting!r})")
+    old = _state["setting"]
+    _state["setting"] = setting
+
+    @contextlib.contextmanager
+    def restore():
+        try:
+            yield
+        finally:
+            _state["setting"] = old
+
+    return restore()
+
+
+def current() -> str:
+    """The kernel setting in force: ``"auto"``, ``"fast"`` or ``"reference"``."""
+    setting = _state["setting"]
+    if setting not in SETTINGS:
+        raise InputError(f"EXPRUNE_KERNELS must be one of {SETTINGS} (got {setting!r})")
+    return setting
+
+
+def module():
+    """The compiled extension, built on first call; None when it cannot be built."""
+    if _state["module"] is not None or _state["failed"] is not None:
+        return _state["module"]
+    with _lock:
+        if _state["module"] is None and _state["failed"] is None:
+            try:
+                _state["module"] = _build()
+            except Exception as exc:  # no compiler, no ninja, ...: fall back, say why once
+                _state["failed"] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                warnings.warn(f"exprune-fx: the fast kernels could not be built ({_state['failed']}); "
+                              "using the reference kernels", RuntimeWarning, stacklevel=3)
+    return _state["module"]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    source = _SOURCE.read_text()
+    # -march=native: the build is per machine; the CPU's flags are in the name so that a shared
+    # cache never hands one machine's build to another.
+    flags = _cpu_flags()
+    tag = hashlib.sha1((source + torch.__version__ + platform.machine() + flags).encode()).hexdigest()[:12]
+    return cpp_extension.load_inline(f"exprune_fast_{tag}", cpp_sources=[source], verbose=False,
+                                     # -fopenmp: at::parallel_for is inline OpenMP code; the extension shares
+                                     # torch's libgomp.so.1 (already loaded), so there is one thread pool.
+                                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def supported(x: torch.Tensor, head: torch.Tensor, rest: torch.Tensor) -> bool:
+    """Whether a linear call has a fast kernel: float32 CPU tensors, a weight split at
+    compile time into contiguous ``head`` and ``rest`` blocks."""
+    return (current() != "reference" and x.device.type == "cpu" and head.device.type == "cpu"
+            and x.dtype == head.dtype == rest.dtype == torch.float32 and head.dim() == 2
+            and head.is_contiguous() and rest.is_contiguous())
+
+
+def choose(rows: int, k_share: float, stats: torch.Tensor) -> bool:
+    """The cost model: run the row-wise kernel for ``rows`` rows when its expected work, in
+    weight rows read, ``rows * (k_share + (1 - k_share) * survivors)``, is at most
+    :data:`ROW_BUDGET` dense reads; ``survivors`` is the site's measured share of outputs
+    kept so far (counters), 1 before its first call. ``"fast"`` always says yes."""
+    if current() == "fast":
+        return True
+    outputs, pruned = stats[1].item(), stats[2].item()
+    survivors = 1.0 - pruned / outputs if outputs else 1.0
+    return rows * (k_share + (1.0 - k_share) * survivors) <= ROW_BUDGET
+
+
+def relu_linear(x2, head, rest, scale, offset, unit: int, ks: list[int], test: int, critical, stats):
+    """The row-wise kernel on x2 [M, K] (see csrc/fast_kernels.cpp); None when it is not built."""
+    ext = module()
+    if ext is None:
+        return None
+    off = torch.empty(0) if offset is None else offset.to(torch.float32)
+    if off.dim() == 0:
+        off = off.expand(x2.shape[0], head.shape[0])
+    return ext.relu_linear(x2.contiguous(), head, rest, scale.to(torch.float32).contiguous(), off, unit, ks, test,
+                           float(critical), stats)
