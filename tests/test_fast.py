@@ -1,0 +1,147 @@
+"""The fast CPU kernels against the reference kernels: same outputs, same decisions, same
+counters (except ``computed``, the work actually spent), on generated shapes and masks."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import exprune_fx
+from exprune_fx import Config, InputError
+from exprune_fx.runtime import fast, kernels
+from exprune_fx.runtime.counters import new_counters, read
+from exprune_fx.zoo import mlp
+
+NEVER, ALWAYS = -math.inf, math.inf
+pytestmark = pytest.mark.skipif(fast.module() is None, reason="the fast kernels could not be built here")
+
+
+def _both(x, head, rest, scale, offset, unit, k, test, critical, stages):
+    """(output, counters) of the reference and of the fast kernel."""
+    results = []
+    for setting in ("reference", "fast"):
+        c = new_counters()
+        with fast.use(setting):
+            z = kernels.relu_linear(x, head, rest, scale, offset, unit, k, test, torch.tensor(critical, dtype=torch.float64),
+                                    c, stages)
+        results.append((z, read(c)))
+    return results
+
+
+def _offsets(rows: int, outputs: int, lead: tuple):
+    return {"none": None, "scalar": torch.tensor(3.0), "vector": torch.randint(-6, 7, (outputs,)).float(),
+            "full": torch.randint(-6, 7, lead + (outputs,)).float()}
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 11), st.integers(1, 40), st.integers(1, 3), st.integers(3, 70), st.integers(1, 3),
+       st.sampled_from([kernels.STATS, kernels.THRESHOLD]), st.sampled_from(["none", "scalar", "vector", "full"]),
+       st.sampled_from(["drawn", "empty", "full"]), st.data())
+def test_fast_relu_linear_equals_reference(rows, outputs, unit, n, stages, test, offset_kind, mask, data):
+    """Integer-valued data (exact sums) and power-of-two scales: the two kernels must agree on
+    every decision and every kept value, with nothing pruned (empty mask), everything pruned
+    (full mask) and a drawn critical value; also with leading batch axes and zero rows."""
+    k = data.draw(st.integers(2, n - 1))
+    torch.manual_seed(data.draw(st.integers(0, 10_000)))
+    lead = (rows,) if data.draw(st.booleans()) or rows == 0 else (1, rows)
+    x = torch.randint(-3, 4, lead + (n * unit,)).float()
+    w = torch.randint(-3, 4, (outputs, n * unit)).float()
+    head, rest = w[:, :k * unit].contiguous(), w[:, k * unit:].contiguous()
+    scale = 2.0 ** torch.randint(-2, 3, (outputs,)).float()
+    offset = _offsets(rows, outputs, lead)[offset_kind]
+    critical = {"empty": NEVER, "full": ALWAYS, "drawn": data.draw(st.integers(-3, 1)) + 0.37}[mask]
+    (zr, cr), (zf, cf) = _both(x, head, rest, scale, offset, unit, k, test, critical, stages)
+    assert zf.shape == zr.shape == lead + (outputs,)
+    assert torch.equal(zf == 0, zr == 0)
+    torch.testing.assert_close(zf, zr, rtol=0, atol=1e-4)
+    assert {f: v for f, v in cr.items() if f != "computed"} == {f: v for f, v in cf.items() if f != "computed"}
+    assert cf["computed"] <= cr["computed"] + 1e-9  # the fast kernel never spends more than the reference
+    if mask == "full" and test == kernels.THRESHOLD:  # (stats: a zero standard error keeps the output)
+        assert cf["pruned"] == cf["outputs"] and cf["remainder"] == 0
+    if mask == "empty":
+        assert cf["pruned"] == 0
+
+
+def test_fast_relu_linear_on_float_data_nothing_or_everything_pruned():
+    """Real-valued data: with the decisions fixed (never / always prune) the outputs agree to
+    float rounding, including on a layer wide enough to be split over threads."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 784), torch.randn(1024, 784)
+    scale, offset = torch.rand(1024) + 0.5, torch.randn(1024)
+    head, rest = w[:, :16].contiguous(), w[:, 16:].contiguous()
+    (zr, _), (zf, cf) = _both(x, head, rest, scale, offset, 1, 16, kernels.STATS, NEVER, 1)
+    torch.testing.assert_close(zf, zr, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(zf, scale * (x @ w.T) + offset, rtol=1e-5, atol=1e-4)
+    assert cf["computed"] == cf["partial"] + cf["test"] + cf["remainder"]
+    (_, _), (zf, cf) = _both(x, head, rest, scale, offset, 1, 16, kernels.THRESHOLD, ALWAYS, 1)
+    assert torch.all(zf == 0) and cf["computed"] == 3 * 1024 * (16 + 2)
+
+
+def test_compiled_model_is_the_same_under_every_kernel_setting():
+    model, x = mlp(widths=(16, 256, 256, 256, 4))
+    x = torch.randint(-2, 3, (5, 16)).float()
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.2, k=8))
+    outs, stats = {}, {}
+    for setting in fast.SETTINGS:
+        with fast.use(setting):
+            compiled.reset_stats()
+            outs[setting] = compiled(x)
+            stats[setting] = sum(s["pruned"] for s in compiled.exprune_stats()["sites"].values())
+    torch.testing.assert_close(outs["fast"], outs["reference"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["auto"], outs["reference"], rtol=1e-4, atol=1e-4)
+    assert stats["fast"] == stats["reference"] == stats["auto"] > 0
+
+
+def test_cost_model_uses_the_measured_survivor_share():
+    stats = new_counters()
+    with fast.use("auto"):
+        assert fast.choose(1, 0.02, stats) and fast.choose(8, 0.02, stats)  # before any call: survivors 1
+        assert not fast.choose(32, 0.02, stats)
+        stats[1], stats[2] = 100.0, 90.0  # 10% of outputs kept so far
+        assert fast.choose(32, 0.02, stats) and not fast.choose(200, 0.02, stats)
+    with fast.use("fast"):
+        assert fast.choose(10_000, 1.0, new_counters())
+
+
+def test_kernel_setting_is_validated_and_restored():
+    before = fast.current()
+    with pytest.raises(InputError, match="kernels must be one of"):
+        fast.use("turbo")
+    with fast.use("reference"):
+        assert fast.current() == "reference"
+    assert fast.current() == before
+
+
+def test_unsupported_calls_fall_back_to_the_reference():
+    torch.manual_seed(1)
+    x, w = torch.randn(2, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64)
+    head, rest = w[:, :8].contiguous(), w[:, 8:].contiguous()
+    assert not fast.supported(x, head, rest)  # float64
+    assert not fast.supported(x.float(), w.float()[:, :8], w.float()[:, 8:])  # views, not compile-time blocks
+    with fast.use("fast"):
+        z = kernels.relu_linear(x, head, rest, torch.ones(6, dtype=torch.float64), None, 1, 8, kernels.STATS,
+                                torch.tensor(NEVER), new_counters())
+    torch.testing.assert_close(z, x @ w.T)
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setitem(fast._state, "module", None)
+    monkeypatch.setitem(fast._state, "failed", None)
+
+    def broken():
+        raise RuntimeError("Error building extension: no compiler\nc++: not found")
+
+    monkeypatch.setattr(fast, "_build", broken)
+    with pytest.warns(RuntimeWarning, match="could not be built .*c\\+\\+: not found.*reference kernels"):
+        assert fast.module() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fast.module() is None  # no second warning
+        x, w = torch.randn(1, 40), torch.randn(6, 40)
+        with fast.use("fast"):
+            z = kernels.relu_linear(x, w[:, :8].contiguous(), w[:, 8:].contiguous(), torch.ones(6), None, 1, 8,
+                                    kernels.STATS, torch.tensor(NEVER), new_counters())
+    torch.testing.assert_close(z, x @ w.T, rtol=1e-5, atol=1e-5)
