@@ -1,0 +1,237 @@
+"""Wall-clock time against the dense model: does the clock see the FLOPs that ExPrune skips?
+
+For each case, four variants run side by side in one process, repetitions interleaved
+(dense, inductor, count-only, fast, dense, ...), and each reports its median wall time and
+the median of its per-repetition ratios to dense eager:
+
+* ``dense eager``: the original model;
+* ``dense inductor``: ``torch.compile(model)`` (inductor, CPU);
+* ``count-only``: the ExPrune graph on the reference kernels (``fast.use("reference")``):
+  the simulation, which counts skipped work but does not skip it;
+* ``fast``: the same graph on the fast kernels where the cost model picks them
+  (``fast.use("auto")``).
+
+``realization`` = (1 - fast time / dense time) / (whole-model FLOPs reduction), for the fast
+variant: 100% means the clock sees every FLOP skipped. FLOPs are 2 x multiply-accumulates.
+
+Cases (configs chosen at <= 1% accuracy drop on a validation split, reported on a test split):
+
+* ``mlp``: a ReLU MLP 784-1024-1024-10 trained here on Fashion-MNIST (seeded, one epoch),
+  batch 1 and 32;
+* ``resnet``, ``vgg``: the shipped Fashion-MNIST CNNs, batch 1 and 32;
+* ``opt_lm decode``: one KV-cache decode step (batch 1, one new token) of the byte-level OPT
+  LM after a context of 8 and of 100 tokens. Its config is one global ``alpha`` chosen on the
+  full-sequence model's validation windows (an FFN site decides per token, so the decisions
+  are those of the decode step).
+
+    python benchmarks/wallclock.py --out bench-out [--cases mlp resnet vgg opt_lm] [--repeats 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import exprune_fx
+from exprune_fx import Config
+from exprune_fx.datasets import load_fashion_mnist
+from exprune_fx.runtime import fast
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tasks  # noqa: E402
+from calibration import evaluate  # noqa: E402
+
+CASES = ("mlp", "resnet", "vgg", "opt_lm")
+VARIANTS = ("dense eager", "dense inductor", "count-only", "fast")
+
+
+def _call(model, inputs):
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def side_by_side(fns: dict, inputs, repeats: int) -> dict:
+    """Median seconds per variant and the median of per-repetition ratios to the first."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    with torch.no_grad():
+        for name in names:  # warm-up: inductor compiles, the extension loads, caches fill
+            for _ in range(3):
+                fns[name](inputs)
+        for _ in range(repeats):
+            for name in names:
+                t0 = time.perf_counter()
+                fns[name](inputs)
+                times[name].append(time.perf_counter() - t0)
+    base = times[names[0]]
+    return {name: {"median_ms": 1e3 * statistics.median(t),
+                   "ratio": statistics.median(a / b for a, b in zip(t, base))} for name, t in times.items()}
+
+
+def variants(model, compiled, setting_fns=None) -> dict:
+    """The four variants as callables on one input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inductor = torch.compile(model, backend="inductor")
+
+    def with_kernels(setting):
+        def run(inputs):
+            with fast.use(setting):
+                return _call(compiled, inputs)
+        return run
+
+    return {"dense eager": lambda i: _call(model, i), "dense inductor": lambda i: _call(inductor, i),
+            "count-only": with_kernels("reference"), "fast": with_kernels("auto")}
+
+
+def flops_reduction(compiled, inputs) -> float:
+    compiled.reset_stats()
+    with torch.no_grad(), fast.use("reference"):
+        _call(compiled, inputs)
+    return compiled.exprune_stats()["reduction"]
+
+
+def row(case: str, batch, timing: dict, reduction: float, extra: dict) -> dict:
+    saving = 1 - timing["fast"]["ratio"]
+    return {"case": case, "batch": batch, "flops_reduction": reduction, "timing": timing,
+            "realization": saving / reduction if reduction > 0 else None, **extra}
+
+
+def train_mlp(seed: int = 0) -> torch.nn.Module:
+    """A ReLU MLP 784-1024-1024-10, one epoch of Adam on the first 50000 training images."""
+    x, y = load_fashion_mnist("train", limit=50000)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 1024), torch.nn.ReLU(),
+                                torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for i in torch.randperm(len(x)).split(128):
+        opt.zero_grad()
+        F.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+    return model.eval()
+
+
+def image_case(name: str, model, repeats: int, val: int, test: int) -> list[dict]:
+    xv, yv = load_fashion_mnist("train")
+    xt, yt = load_fashion_mnist("test", limit=test)
+    val_data = tasks.batches(xv[55000:55000 + val], yv[55000:55000 + val], 50)
+    test_data = tasks.batches(xt, yt, 500)
+    compiled = exprune_fx.compile(model, xv[:4])
+    cal = exprune_fx.calibrate(compiled, val_data, max_drop=0.01, exact=False, progress=False)
+    dense_acc, acc = evaluate(model, test_data, None), evaluate(cal.compiled, test_data, None)
+    rows = []
+    for batch in (1, 32):
+        inputs = xt[:batch]
+        timing = side_by_side(variants(model, cal.compiled), inputs, repeats)
+        rows.append(row(name, batch, timing, flops_reduction(cal.compiled, xt[:500]),
+                        {"dense_accuracy": dense_acc, "accuracy": acc,
+                         "sites": [s.name for s in cal.compiled.rewritten_sites]}))
+    return rows
+
+
+def lm_case(repeats: int, contexts=(8, 100)) -> list[dict]:
+    from transformers import DynamicCache
+
+    task = tasks.lm_task(val=200, test=200)
+    model = task.model
+    dense_test = evaluate(model, task.test, task.metric)
+    chosen, acc = None, dense_test
+    for alpha in (0.05, 0.01, 0.001):  # the largest alpha whose validation drop is within 1%
+        compiled = exprune_fx.compile(model, task.example, Config(alpha=alpha, k=32))
+        if evaluate(model, task.val, task.metric) - evaluate(compiled, task.val, task.metric) <= 0.01:
+            chosen, acc = alpha, evaluate(compiled, task.test, task.metric)
+            break
+    chosen = 0.0 if chosen is None else chosen
+
+    def cache_of(kv):
+        cache = DynamicCache(ddp_cache_data=[(None, None)] * (len(kv) // 2))
+        for layer, k, v in zip(cache.layers, kv[0::2], kv[1::2]):
+            layer.dtype, layer.device, layer.keys, layer.values, layer.is_initialized = k.dtype, k.device, k, v, True
+        return cache
+
+    class DecodeStep(torch.nn.Module):
+        """(new token [1, 1], per-layer keys and values) -> logits of the new token."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, *kv):
+            return self.lm(input_ids=input_ids, past_key_values=cache_of(kv), use_cache=True).logits
+
+    rows = []
+    windows = task.test[0][0]["input_ids"]
+    for context in contexts:
+        prompt = windows.reshape(-1)[:context + 1].unsqueeze(0)
+        with torch.no_grad():
+            past = model(input_ids=prompt[:, :context], use_cache=True).past_key_values
+        kv = tuple(t.clone() for layer in past.layers for t in (layer.keys, layer.values))
+        step = DecodeStep(model).eval()
+        inputs = (prompt[:, context:context + 1], *kv)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = exprune_fx.compile(step, inputs, Config(alpha=chosen, k=32))
+        timing = side_by_side(variants(step, compiled), inputs, repeats)
+        rows.append(row(f"opt_lm decode, context {context}", 1, timing, flops_reduction(compiled, inputs),
+                        {"dense_accuracy": dense_test, "accuracy": acc, "alpha": chosen,
+                         "sites": [s.name for s in compiled.rewritten_sites]}))
+    return rows
+
+
+def markdown(rows: list[dict], machine: str) -> str:
+    lines = [f"Machine: {machine}", "",
+             "| case | batch | accuracy (dense -> ExPrune) | FLOPs reduction | " +
+             " | ".join(f"{v} ms (x dense)" for v in VARIANTS) + " | realization |",
+             "|---|---:|---|---:|" + "---:|" * len(VARIANTS) + "---:|"]
+    for r in rows:
+        t = r["timing"]
+        real = "n/a" if r["realization"] is None else f"{100 * r['realization']:.0f}%"
+        lines.append(f"| {r['case']} | {r['batch']} | {r['dense_accuracy']:.4f} -> {r['accuracy']:.4f} | "
+                     f"{100 * r['flops_reduction']:.2f}% | " +
+                     " | ".join(f"{t[v]['median_ms']:.3f} (x{t[v]['ratio']:.2f})" for v in VARIANTS) +
+                     f" | {real} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--val", type=int, default=500, help="validation images for the CNN/MLP calibration")
+    parser.add_argument("--test", type=int, default=2000, help="test images for the reported accuracy")
+    args = parser.parse_args(argv)
+    if fast.module() is None:
+        parser.error("the fast kernels could not be built (see the warning): nothing to compare")
+    rows = []
+    for case in args.cases:
+        if case == "mlp":
+            rows += image_case("mlp 784-1024-1024-10", train_mlp(), args.repeats, args.val, args.test)
+        elif case == "opt_lm":
+            rows += lm_case(args.repeats)
+        else:
+            rows += image_case(case, tasks.load_cnn(case), args.repeats, args.val, args.test)
+        print(markdown(rows[-2:], machine()), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "wallclock.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    (out / "wallclock.md").write_text(markdown(rows, machine()))
+    print(markdown(rows, machine()))
+
+
+if __name__ == "__main__":
+    main()
