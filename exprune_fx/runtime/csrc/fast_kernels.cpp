@@ -4,9 +4,12 @@
 // (row i, feature j) reads the first k terms of its weight row, is tested, and reads the rest of
 // the row only when it survives, so the work is proportional to the surviving outputs.
 //
-// Layouts: x [M, K] and w [N, K] row-major and contiguous (the rewrite made every term's
-// `unit` elements contiguous); offset is [M, N] with any strides (0 for broadcast) or empty.
-// Counters are the float64 vector of counters.py, updated in place.
+// Layouts: x [M, K] row-major and contiguous; the weight [N, K] split at compile time after
+// its first k terms into head [N, k*unit] and rest [N, K - k*unit], both contiguous (the rewrite
+// made every term's `unit` elements contiguous); offset is [M, N] with any strides (0 for
+// broadcast) or empty. Counters are the float64 vector of counters.py, updated in place.
+// Threads: at::parallel_for over blocks of outputs (compiled with -fopenmp, sharing torch's
+// OpenMP runtime).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -219,47 +222,6 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& head, const at::Te
   return out;
 }
 
-// Zero-skip linear: y = x @ wt + bias, reading only the rows of wt [K, N] whose input is
-// nonzero (an embedding-bag style weighted sum). Returns y; `skipped` gets the MACs skipped.
-at::Tensor zero_skip_linear(const at::Tensor& x, const at::Tensor& wt, const at::Tensor& bias, at::Tensor counters) {
-  const int64_t m = x.size(0), big_k = x.size(1), n_out = wt.size(1);
-  auto out = at::empty({m, n_out}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = wt.data_ptr<float>();
-  const float* bp = bias.defined() && bias.numel() ? bias.data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  std::vector<int64_t> nonzero(m, 0);
-  const int64_t block = 256;  // output columns per task
-  const int64_t blocks = (n_out + block - 1) / block;
-  at::parallel_for(0, m * blocks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, big_k)), [&](int64_t t0, int64_t t1) {
-    std::vector<int64_t> idx;
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t i = task / blocks, j0 = (task % blocks) * block, j1 = std::min(n_out, j0 + block);
-      const float* xr = xp + i * big_k;
-      float* yr = op + i * n_out;
-      for (int64_t j = j0; j < j1; ++j) yr[j] = bp ? bp[j] : 0.0f;
-      int64_t count = 0;
-      for (int64_t q = 0; q < big_k; ++q) {
-        const float v = xr[q];
-        if (v == 0.0f) continue;
-        ++count;
-        const float* row = wp + q * n_out;
-        for (int64_t j = j0; j < j1; ++j) yr[j] += v * row[j];
-      }
-      if (j0 == 0) nonzero[i] = count;
-    }
-  });
-  double read = 0;
-  for (int64_t v : nonzero) read += v;
-  double* cp = counters.data_ptr<double>();
-  cp[kCalls] += 1;
-  cp[kOutputs] += static_cast<double>(m) * n_out;
-  cp[kDense] += static_cast<double>(m) * n_out * big_k;
-  cp[kComputed] += read * n_out;
-  return out;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("relu_linear", &relu_linear, "ExPrune early exit for relu(a * x @ w.T + c), float32 CPU");
-  module.def("zero_skip_linear", &zero_skip_linear, "x @ wt + bias over the nonzero inputs only, float32 CPU");
 }
