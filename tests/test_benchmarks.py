@@ -34,3 +34,25 @@ def test_calibration_benchmark_smoke(tmp_path):
     assert {(r["model"], r["test"]) for r in rows} == {("gcn", "stats")} and len(rows) == 2
     assert all(0 <= r["oracle_reduction"] < 1 and r["evaluations"] <= 100 for r in rows)
     assert (tmp_path / "pareto_gcn.png").stat().st_size > 0
+
+
+def test_wallclock_pieces_on_a_small_mlp():
+    """The wall-clock benchmark's timing and per-site pieces, without data or training."""
+    import torch
+
+    import exprune_fx
+    import wallclock
+    from exprune_fx.zoo import mlp
+
+    model, _ = mlp(widths=(32, 128, 128, 4))
+    x = torch.randn(3, 32)
+    compiled = exprune_fx.compile(model, x, exprune_fx.Config(alpha=0.3, k=8))
+    timing = wallclock.side_by_side(wallclock.variants(model, compiled), x, repeats=3)
+    assert set(timing) == set(wallclock.VARIANTS) and timing["dense eager"]["ratio"] == 1.0
+    reduction = wallclock.flops_reduction(compiled, x)
+    sites = wallclock.site_rows("mlp", compiled, x, repeats=3)
+    assert [s["site_shape"] for s in sites] == [[128, 128]] and sites[0]["rows"] == 3
+    assert 0 < sites[0]["prune_rate"] < 1 and sites[0]["flops_reduction"] > 0
+    row = wallclock.row("mlp", 3, timing, reduction, {"dense_accuracy": 0.5, "accuracy": 0.5, "linear_sites": sites})
+    table = wallclock.markdown([row], "test machine")
+    assert "| mlp | 3 |" in table and "| mlp | 128 x 128 | 3 |" in table
