@@ -145,3 +145,31 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
             z = kernels.relu_linear(x, w[:, :8].contiguous(), w[:, 8:].contiguous(), torch.ones(6), None, 1, 8,
                                     kernels.STATS, torch.tensor(NEVER), new_counters())
     torch.testing.assert_close(z, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 40), st.integers(1, 40), st.integers(1, 3), st.integers(3, 70),
+       st.sampled_from([kernels.STATS, kernels.THRESHOLD]), st.sampled_from(["none", "scalar", "vector", "full"]),
+       st.sampled_from(["drawn", "empty", "full"]), st.data())
+def test_blas_kernel_for_many_rows_equals_reference(rows, outputs, unit, n, test, offset_kind, mask, data):
+    """The kernel the cost model picks for many rows (matrix products, one fused test pass)."""
+    k = data.draw(st.integers(2, n - 1))
+    torch.manual_seed(data.draw(st.integers(0, 10_000)))
+    x = torch.randint(-3, 4, (rows, n * unit)).float()
+    w = torch.randint(-3, 4, (outputs, n * unit)).float()
+    head, rest = w[:, :k * unit].contiguous(), w[:, k * unit:].contiguous()
+    scale = 2.0 ** torch.randint(-2, 3, (outputs,)).float()
+    offset = _offsets(rows, outputs, (rows,))[offset_kind]
+    critical = {"empty": NEVER, "full": ALWAYS, "drawn": data.draw(st.integers(-3, 1)) + 0.37}[mask]
+    cr, cf = new_counters(), new_counters()
+    with fast.use("reference"):
+        zr = kernels.relu_linear(x, head, rest, scale, offset, unit, k, test, torch.tensor(critical), cr)
+    c = None if offset is None else offset.expand(rows, outputs)
+    zf = fast.relu_linear(x, head, rest, scale, c, unit, [k], test, critical, cf, row_wise=False)
+    if unit != 1 and test == kernels.STATS:
+        assert zf is None  # per-term squares: not this kernel's job
+        return
+    assert torch.equal(zf == 0, zr == 0)
+    torch.testing.assert_close(zf, zr, rtol=0, atol=1e-4)
+    cr, cf = read(cr), read(cf)
+    assert {f: v for f, v in cr.items() if f != "computed"} == {f: v for f, v in cf.items() if f != "computed"}

@@ -127,10 +127,10 @@ def supported(x: torch.Tensor, head: torch.Tensor, rest: torch.Tensor) -> bool:
 
 
 def choose(rows: int, k_share: float, stats: torch.Tensor) -> bool:
-    """The cost model: run the row-wise kernel for ``rows`` rows when its expected work, in
-    weight rows read, ``rows * (k_share + (1 - k_share) * survivors)``, is at most
-    :data:`ROW_BUDGET` dense reads; ``survivors`` is the site's measured share of outputs
-    kept so far (counters), 1 before its first call. ``"fast"`` always says yes."""
+    """The cost model: True for the row-wise kernel, when its expected work in weight rows
+    read, ``rows * (k_share + (1 - k_share) * survivors)``, is at most :data:`ROW_BUDGET`
+    dense reads; ``survivors`` is the site's measured share of outputs kept so far
+    (counters), 1 before its first call. False: the BLAS kernel. ``"fast"`` always says True."""
     if current() == "fast":
         return True
     outputs, pruned = stats[1].item(), stats[2].item()
@@ -138,13 +138,18 @@ def choose(rows: int, k_share: float, stats: torch.Tensor) -> bool:
     return rows * (k_share + (1.0 - k_share) * survivors) <= ROW_BUDGET
 
 
-def relu_linear(x2, head, rest, scale, offset, unit: int, ks: list[int], test: int, critical, stats):
-    """The row-wise kernel on x2 [M, K] (see csrc/fast_kernels.cpp); None when it is not built."""
+def relu_linear(x2, head, rest, scale, offset, unit: int, ks: list[int], test: int, critical, stats,
+                row_wise: bool = True):
+    """A fast kernel on x2 [M, K] (see csrc/fast_kernels.cpp): the row-wise one, or
+    (``row_wise=False``) the BLAS one for many rows; None when the extension is not built or
+    the BLAS kernel does not cover the call (several stages; the stats test on multi-element terms)."""
     ext = module()
-    if ext is None:
+    if ext is None or not row_wise and (len(ks) > 1 or unit != 1 and test == 0):
         return None
     off = torch.empty(0) if offset is None else offset.to(torch.float32)
     if off.dim() == 0:
         off = off.expand(x2.shape[0], head.shape[0])
-    return ext.relu_linear(x2.contiguous(), head, rest, scale.to(torch.float32).contiguous(), off, unit, ks, test,
-                           float(critical), stats)
+    x2, scale = x2.contiguous(), scale.to(torch.float32).contiguous()
+    if row_wise:
+        return ext.relu_linear(x2, head, rest, scale, off, unit, ks, test, float(critical), stats)
+    return ext.relu_linear_dense(x2, head, rest, scale, off, ks[0], test, float(critical), stats)

@@ -100,15 +100,16 @@ def relu_linear(x, head, rest, scale, offset, unit: int, k: int, test: int, crit
                 stages: int = 1):
     """:func:`relu_matmul` on a weight split after its first k terms: ``head`` [N, k * unit]
     and ``rest`` [N, K - k * unit] (the rewrite splits compile-time weights, so that the
-    partial products read one dense block). Runs the fast kernel where :func:`fast.choose`
-    says it pays."""
+    partial products read one dense block). On float32 CPU tensors a fast kernel runs
+    (:mod:`.fast`): row-wise or BLAS, as :func:`fast.choose` says."""
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], head.shape[0]
     x2 = x.reshape(-1, big_k)
     m, n, kh = x2.shape[0], big_k // unit, k * unit
     ks = stage_ks(k, n, stages)
-    if fast.supported(x2, head, rest) and fast.choose(m, kh / big_k, stats):
+    if fast.supported(x2, head, rest):  # the row-wise kernel for few rows or survivors, else the BLAS one
         c = None if offset is None else _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
-        out = fast.relu_linear(x2, head, rest, scale, c, unit, ks, test, critical, stats)
+        out = fast.relu_linear(x2, head, rest, scale, c, unit, ks, test, critical, stats,
+                               row_wise=fast.choose(m, kh / big_k, stats))
         if out is not None:
             return out.reshape(lead + (n_out,))
     s1, s2 = _term_sums(x2[:, :kh], head, k, unit, test)

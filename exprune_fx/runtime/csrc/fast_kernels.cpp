@@ -222,6 +222,70 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& head, const at::Te
   return out;
 }
 
+// The same site for many rows, where BLAS pays: the first k terms (and, for the stats test,
+// their squares) and the remainder are three matrix products over all outputs, then one fused
+// pass tests, applies the epilogue, zeroes the pruned outputs and counts. Single stage; the
+// stats test needs unit == 1 (its squares are per term).
+at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& head, const at::Tensor& rest,
+                             const at::Tensor& scale, const at::Tensor& offset, int64_t k, int64_t test,
+                             double critical, at::Tensor counters) {
+  const int64_t m = x.size(0), big_k = x.size(1), n_out = head.size(0), kh = head.size(1), n = big_k / (kh / k);
+  const bool stats = test == 0;
+  const at::Tensor xh = x.narrow(1, 0, kh);
+  const at::Tensor s1 = at::mm(xh, head.t());
+  const at::Tensor s2 = stats ? at::mm(xh.square(), head.square().t()) : at::Tensor();
+  at::Tensor out = at::mm(x.narrow(1, kh, big_k - kh), rest.t());  // the remainder, then z in place
+  const float* p1 = s1.data_ptr<float>();
+  const float* p2 = stats ? s2.data_ptr<float>() : nullptr;
+  const float* ap = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Offset c = offset_view(offset);
+  const float crit = static_cast<float>(critical), inv = 1.0f / k, inv_n = 1.0f / n;
+  const float fpc = static_cast<float>(n - k) / (static_cast<float>(n - 1) * k * (k - 1));
+  std::vector<Tally> tallies(m);
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_out)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      Tally t;
+      for (int64_t j = 0; j < n_out; ++j) {
+        const int64_t q = i * n_out + j;
+        const float a = ap[j], cij = c.at(i, j), a1 = p1[q];
+        const float mean = a * a1 * inv + cij * inv_n;
+        bool pruned;
+        if (stats) {
+          pruned = mean < crit * std::sqrt(a * a * std::max(p2[q] - a1 * a1 * inv, 0.0f) * fpc);
+        } else {
+          pruned = mean < crit;
+        }
+        if (pruned) {
+          t.pruned += 1;
+          op[q] = 0.0f;
+        } else {
+          const float z = a * (a1 + op[q]) + cij;
+          op[q] = z;
+          t.negative += z < 0;
+        }
+      }
+      tallies[i] = t;
+    }
+  });
+  double pruned = 0, negative = 0;
+  for (const Tally& t : tallies) pruned += t.pruned, negative += t.negative;
+  const double outputs = static_cast<double>(m) * n_out;
+  const double test_macs = stats ? outputs * (k + 4) : 2 * outputs;
+  double* cp = counters.data_ptr<double>();
+  cp[kCalls] += 1;
+  cp[kOutputs] += outputs;
+  cp[kPruned] += pruned;
+  cp[kDense] += outputs * big_k;
+  cp[kPartial] += outputs * kh;
+  cp[kTest] += test_macs;
+  cp[kRemainder] += (outputs - pruned) * (big_k - kh);
+  cp[kComputed] += outputs * big_k + test_macs;
+  cp[kNegative] += negative;
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("relu_linear", &relu_linear, "ExPrune early exit for relu(a * x @ w.T + c), float32 CPU");
+  module.def("relu_linear_dense", &relu_linear_dense, "the same site for many rows: BLAS products, fused test");
 }
