@@ -1,7 +1,7 @@
 """Run every benchmark (``make bench``). Results go to ``--out`` as JSON, markdown and PNG plots.
 
 The calibration benchmark dominates (about 40 minutes on 2 cores for its five models at these
-sizes); the static-pruning benchmark takes about 10 minutes."""
+sizes); the static-pruning benchmark takes about 10 minutes, the wall-clock one about 10."""
 
 import argparse
 import sys
@@ -14,6 +14,7 @@ import calibration  # noqa: E402
 import overhead  # noqa: E402
 import prune_effect  # noqa: E402
 import static_pruning  # noqa: E402
+import wallclock  # noqa: E402
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
     static_pruning.main(["--out", args.out])
     prune_effect.main(["--out", args.out])
     overhead.main(["--out", args.out])
+    wallclock.main(["--out", args.out])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Wall-clock time against the dense model: does the clock see the FLOPs that ExPrune skips?
 
-For each case, four variants run side by side in one process, repetitions interleaved
-(dense, inductor, count-only, fast, dense, ...), and each reports its median wall time and
+For each case, five variants run side by side in one process, repetitions interleaved
+(dense, inductor, graph, count-only, fast, dense, ...), and each reports its median wall time and
 the median of its per-repetition ratios to dense eager:
 
 * ``dense eager``: the original model;
 * ``dense inductor``: ``torch.compile(model)`` (inductor, CPU);
+* ``dense graph``: the model through ``exprune_fx.compile`` with every site disabled (the
+  exported graph's own cost, without ExPrune);
 * ``count-only``: the ExPrune graph on the reference kernels (``fast.use("reference")``):
   the simulation, which counts skipped work but does not skip it;
 * ``fast``: the same graph on the fast kernels where the cost model picks them
@@ -51,7 +53,7 @@ import tasks  # noqa: E402
 from calibration import evaluate  # noqa: E402
 
 CASES = ("mlp", "resnet", "vgg", "opt_lm")
-VARIANTS = ("dense eager", "dense inductor", "count-only", "fast")
+VARIANTS = ("dense eager", "dense inductor", "dense graph", "count-only", "fast")
 
 
 def _call(model, inputs):
@@ -76,11 +78,13 @@ def side_by_side(fns: dict, inputs, repeats: int) -> dict:
                    "ratio": statistics.median(a / b for a, b in zip(t, base))} for name, t in times.items()}
 
 
-def variants(model, compiled, setting_fns=None) -> dict:
-    """The four variants as callables on one input."""
+def variants(model, compiled, example) -> dict:
+    """The variants as callables on one input; ``example`` is what ``compiled`` was compiled on."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inductor = torch.compile(model, backend="inductor")
+        no_sites = Config(sites={s.name: {"enabled": False} for s in compiled.sites})
+        graph = exprune_fx.compile(model, example, no_sites)
 
     def with_kernels(setting):
         def run(inputs):
@@ -89,7 +93,7 @@ def variants(model, compiled, setting_fns=None) -> dict:
         return run
 
     return {"dense eager": lambda i: _call(model, i), "dense inductor": lambda i: _call(inductor, i),
-            "count-only": with_kernels("reference"), "fast": with_kernels("auto")}
+            "dense graph": lambda i: _call(graph, i), "count-only": with_kernels("reference"), "fast": with_kernels("auto")}
 
 
 def flops_reduction(compiled, inputs) -> float:
@@ -180,7 +184,7 @@ def image_case(name: str, model, repeats: int, val: int, test: int) -> list[dict
     rows = []
     for batch in (1, 32):
         inputs = xt[:batch]
-        timing = side_by_side(variants(model, cal.compiled), inputs, repeats)
+        timing = side_by_side(variants(model, cal.compiled, xv[:4]), inputs, repeats)
         rows.append(row(name, batch, timing, flops_reduction(cal.compiled, xt[:500]),
                         {"dense_accuracy": dense_acc, "accuracy": acc,
                          "sites": [s.name for s in cal.compiled.rewritten_sites],
@@ -230,7 +234,7 @@ def lm_case(repeats: int, contexts=(8, 100)) -> list[dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             compiled = exprune_fx.compile(step, inputs, Config(alpha=chosen, k=32))
-        timing = side_by_side(variants(step, compiled), inputs, repeats)
+        timing = side_by_side(variants(step, compiled, inputs), inputs, repeats)
         rows.append(row(f"opt_lm decode, context {context}", 1, timing, flops_reduction(compiled, inputs),
                         {"dense_accuracy": dense_test, "accuracy": acc, "alpha": chosen,
                          "sites": [s.name for s in compiled.rewritten_sites]}))

@@ -47,7 +47,7 @@ def test_wallclock_pieces_on_a_small_mlp():
     model, _ = mlp(widths=(32, 128, 128, 4))
     x = torch.randn(3, 32)
     compiled = exprune_fx.compile(model, x, exprune_fx.Config(alpha=0.3, k=8))
-    timing = wallclock.side_by_side(wallclock.variants(model, compiled), x, repeats=3)
+    timing = wallclock.side_by_side(wallclock.variants(model, compiled, x), x, repeats=3)
     assert set(timing) == set(wallclock.VARIANTS) and timing["dense eager"]["ratio"] == 1.0
     reduction = wallclock.flops_reduction(compiled, x)
     sites = wallclock.site_rows("mlp", compiled, x, repeats=3)
