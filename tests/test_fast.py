@@ -31,7 +31,7 @@ def _both(x, head, rest, scale, offset, unit, k, test, critical, stages):
     return results
 
 
-def _offsets(rows: int, outputs: int, lead: tuple):
+def _offsets(outputs: int, lead: tuple):
     return {"none": None, "scalar": torch.tensor(3.0), "vector": torch.randint(-6, 7, (outputs,)).float(),
             "full": torch.randint(-6, 7, lead + (outputs,)).float()}
 
@@ -51,7 +51,7 @@ def test_fast_relu_linear_equals_reference(rows, outputs, unit, n, stages, test,
     w = torch.randint(-3, 4, (outputs, n * unit)).float()
     head, rest = w[:, :k * unit].contiguous(), w[:, k * unit:].contiguous()
     scale = 2.0 ** torch.randint(-2, 3, (outputs,)).float()
-    offset = _offsets(rows, outputs, lead)[offset_kind]
+    offset = _offsets(outputs, lead)[offset_kind]
     critical = {"empty": NEVER, "full": ALWAYS, "drawn": data.draw(st.integers(-3, 1)) + 0.37}[mask]
     (zr, cr), (zf, cf) = _both(x, head, rest, scale, offset, unit, k, test, critical, stages)
     assert zf.shape == zr.shape == lead + (outputs,)
@@ -159,7 +159,7 @@ def test_blas_kernel_for_many_rows_equals_reference(rows, outputs, unit, n, test
     w = torch.randint(-3, 4, (outputs, n * unit)).float()
     head, rest = w[:, :k * unit].contiguous(), w[:, k * unit:].contiguous()
     scale = 2.0 ** torch.randint(-2, 3, (outputs,)).float()
-    offset = _offsets(rows, outputs, (rows,))[offset_kind]
+    offset = _offsets(outputs, (rows,))[offset_kind]
     critical = {"empty": NEVER, "full": ALWAYS, "drawn": data.draw(st.integers(-3, 1)) + 0.37}[mask]
     cr, cf = new_counters(), new_counters()
     with fast.use("reference"):

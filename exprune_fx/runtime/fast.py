@@ -9,9 +9,11 @@ first ``k`` terms, test it, and read the rest of its weight row only when it sur
 
 Which kernels run is a process-wide setting:
 
-* ``"auto"`` (default): fast where :func:`choose` says it pays, reference elsewhere; when the
-  extension cannot be built (no C++ compiler), reference everywhere, with one warning;
-* ``"fast"``: fast wherever the call is supported (float32 CPU, 2-d weight), whatever the cost;
+* ``"auto"`` (default): on every supported call (float32 CPU tensors, a weight split at
+  compile time), the row-wise kernel or the BLAS kernel, as :func:`choose` says; the
+  reference kernels elsewhere, and everywhere when the extension cannot be built (no C++
+  compiler), with one warning;
+* ``"fast"``: the row-wise kernel on every supported call, whatever the cost;
 * ``"reference"``: the reference kernels only (the count-only simulation).
 
 Set it with :func:`use` (also a context manager) or the ``EXPRUNE_KERNELS`` environment
@@ -47,9 +49,8 @@ _lock = threading.Lock()
 
 # The cost model's bound, in dense weight reads per call. The row-wise kernel reads each weight
 # row once per input row, while BLAS reuses a row across input rows: measured on 2 cores
-# (benchmarks/wallclock.py and docs/benchmarks.md), the row-wise kernel is at least as fast as
-# the reference kernel up to about 8 rows whatever the survivors, and up to 64 rows when few
-# outputs survive. It is chosen when rows x (k-share + (1 - k-share) x survivor share) is at
+# (docs/benchmarks.md, "Wall-clock time"), the row-wise kernel is about as fast as BLAS up to
+# about 8 rows whatever the survivors, and beats it up to 64 rows when few outputs survive. It is chosen when rows x (k-share + (1 - k-share) x survivor share) is at
 # most this bound.
 ROW_BUDGET = 8.0
 
@@ -140,15 +141,13 @@ def choose(rows: int, k_share: float, stats: torch.Tensor) -> bool:
 
 def relu_linear(x2, head, rest, scale, offset, unit: int, ks: list[int], test: int, critical, stats,
                 row_wise: bool = True):
-    """A fast kernel on x2 [M, K] (see csrc/fast_kernels.cpp): the row-wise one, or
+    """A fast kernel on x2 [M, K] with ``offset`` None or [M, N] (see csrc/fast_kernels.cpp): the row-wise one, or
     (``row_wise=False``) the BLAS one for many rows; None when the extension is not built or
     the BLAS kernel does not cover the call (several stages; the stats test on multi-element terms)."""
     ext = module()
     if ext is None or not row_wise and (len(ks) > 1 or unit != 1 and test == 0):
         return None
-    off = torch.empty(0) if offset is None else offset.to(torch.float32)
-    if off.dim() == 0:
-        off = off.expand(x2.shape[0], head.shape[0])
+    off = torch.empty(0) if offset is None else offset  # [M, N], broadcast axes of stride 0
     x2, scale = x2.contiguous(), scale.to(torch.float32).contiguous()
     if row_wise:
         return ext.relu_linear(x2, head, rest, scale, off, unit, ks, test, float(critical), stats)
