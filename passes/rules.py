@@ -337,20 +337,29 @@ def select(ctx: RuleContext, node: Node) -> None:
         ctx.unite(a, b, node)
 
 
+def _skipped_by_cat(value: Any) -> bool:
+    """True for an operand that ``torch.cat`` ignores: a 1-d tensor of static size 0 (legacy
+    semantics, whatever the rank of the other operands; Hugging Face caches start as one)."""
+    val = value.meta.get("val") if isinstance(value, Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 1 and \
+        not isinstance(val.shape[0], torch.SymInt) and val.shape[0] == 0
+
+
 @rule(aten.cat, aten.concat, aten.stack)
 def concat(ctx: RuleContext, node: Node) -> None:
-    values = [v for v in node.args[0] if ctx.axes(v) is not None]
-    out = ctx.axes(node)
-    dim = ctx.arg(node, "dim", 0)
     stack = node.target.overloadpacket is aten.stack
+    values = [v for v in node.args[0] if ctx.axes(v) is not None and (stack or not _skipped_by_cat(v))]
+    out = ctx.axes(node)
     nd_out = len(out)
-    dim = _dim(dim, nd_out)
+    dim = _dim(ctx.arg(node, "dim", 0), nd_out)
+    if not stack and len(values) == 1:  # what remains is the identity (a copy)
+        for a, b in zip(ctx.axes(values[0]), out):
+            ctx.unite(a, b, node)
+        return
     why = "concatenated axis"
     ctx.pin(out[dim], node, why)
     for v in values:
         ax = ctx.axes(v)
-        if len(ax) == 0:
-            continue  # torch.cat skips empty 1-d tensors
         for d in range(nd_out):
             src_d = d if not stack or d < dim else d - 1
             if d == dim:

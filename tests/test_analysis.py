@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from exprune_fx import InputError, analyze, check_symmetry
+import exprune_fx
+from exprune_fx import Config, InputError, analyze, check_symmetry
 from exprune_fx.passes.exchangeability import META_AXES, META_ROLE
 from exprune_fx.passes.sites import META_SITE
 from exprune_fx.zoo import gcn, mlp, residual_cnn, sinusoidal_encoder
@@ -263,3 +264,42 @@ def test_square_is_not_an_affine_step_and_doubling_is():
     x = torch.randn(2, 4)
     assert analyze(Twice(True).eval(), x).site("linear_1").decision is None
     assert analyze(Twice(False).eval(), x).site("linear_1").eligible
+
+
+@pytest.mark.parametrize("empty", ["buffer", "new_zeros"])
+def test_cat_skips_an_empty_1d_operand(empty):
+    """torch.cat ignores a 1-d tensor of size 0 whatever the other operands' rank (a Hugging
+    Face DynamicCache starts as one): the analysis sees the cat as the identity on the rest."""
+    class Cached(nn.Module):
+        def __init__(self, empty):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.empty = empty
+            self.register_buffer("cache", torch.zeros(0))
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            if self.empty == "buffer":
+                h = torch.cat([self.cache, h], dim=-1)
+            elif self.empty == "new_zeros":
+                h = torch.cat([h, x.new_zeros(0)], dim=-1)
+            return self.c(torch.relu(self.b(h)))
+
+    def summary(a):
+        return ([(c.size, c.free, c.pins) for c in a.classes],
+                [(s.name, s.n, s.decision, s.eligible, s.reason) for s in a.sites])
+
+    x = torch.randn(4, 4)
+    model, plain = Cached(empty).eval(), Cached(None).eval()
+    plain.load_state_dict(model.state_dict())
+    a = analyze(model, x, strict=True)
+    assert summary(a) == summary(analyze(plain, x, strict=True))
+    assert a.site("linear_1").eligible and a.site("linear_1").n == 8
+    assert check_symmetry(model, x, a) == []
+    never = Config(alpha=0.0, k=2)
+    compiled = exprune_fx.compile(model, x, never)  # lifted with a dynamic batch
+    assert summary(compiled.analysis) == summary(exprune_fx.compile(plain, x, never).analysis)
+    assert [s.name for s in compiled.rewritten_sites] == ["linear_1"]
+    for batch in (x, torch.randn(7, 4)):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(batch), model(batch), rtol=1e-5, atol=1e-5)
