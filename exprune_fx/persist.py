@@ -39,7 +39,7 @@ from .lifting import _batch_dynamic, _shapes_by_name
 from .passes.rewrite import SiteReport
 
 FORMAT = "exprune-fx"
-VERSION = 1
+VERSION = 2  # 2: exprune::relu_linear takes the whole weight
 _META = "exprune.json"
 
 

@@ -361,13 +361,11 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
         layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(linear_layout(weight, cfg.k, test))]
         return builder.call(torch.ops.exprune.sparse_relu_matmul.default, x, *layout, scale, offset, cfg.k, test,
                             _critical(builder, cfg.critical), counters)
-    if site.decision == "relu":  # the weight split after the first k terms: two dense blocks for the kernels
-        kh = cfg.k * before * after
-        head, rest = builder.buffer("head", weight[:, :kh]), builder.buffer("rest", weight[:, kh:])
-        return builder.call(torch.ops.exprune.relu_linear.default, x, head, rest, scale, offset, before * after, cfg.k,
+    if w_node is None:  # reordered: a buffer replaces the parameter (which the graph no longer reads)
+        w_node = builder.buffer("weight", weight.contiguous())
+    if site.decision == "relu":
+        return builder.call(torch.ops.exprune.relu_linear.default, x, w_node, scale, offset, before * after, cfg.k,
                             test, _critical(builder, cfg.critical), counters, cfg.stages)
-    if w_node is None:
-        w_node = builder.buffer("weight", weight)
     return builder.call(torch.ops.exprune.argmax_matmul.default, x, w_node, scale, offset, before * after, cfg.k,
                         test, _critical(builder, cfg.dominance_critical(features)), counters)
 

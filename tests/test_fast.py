@@ -19,16 +19,23 @@ NEVER, ALWAYS = -math.inf, math.inf
 pytestmark = pytest.mark.skipif(fast.module() is None, reason="the fast kernels could not be built here")
 
 
-def _both(x, head, rest, scale, offset, unit, k, test, critical, stages):
+def _both(x, w, scale, offset, unit, k, test, critical, stages):
     """(output, counters) of the reference and of the fast kernel."""
     results = []
     for setting in ("reference", "fast"):
         c = new_counters()
         with fast.use(setting):
-            z = kernels.relu_linear(x, head, rest, scale, offset, unit, k, test, torch.tensor(critical, dtype=torch.float64),
+            z = kernels.relu_linear(x, w, scale, offset, unit, k, test, torch.tensor(critical, dtype=torch.float64),
                                     c, stages)
         results.append((z, read(c)))
     return results
+
+
+def _weight(outputs: int, columns: int, strided: bool) -> torch.Tensor:
+    """An integer-valued weight [outputs, columns]; ``strided``: a column range of a wider
+    tensor (rows contiguous, row stride larger than the row), as a reordered layout may be."""
+    w = torch.randint(-3, 4, (outputs, columns + (5 if strided else 0))).float()
+    return w[:, 2:2 + columns] if strided else w
 
 
 def _offsets(outputs: int, lead: tuple):
@@ -48,12 +55,11 @@ def test_fast_relu_linear_equals_reference(rows, outputs, unit, n, stages, test,
     torch.manual_seed(data.draw(st.integers(0, 10_000)))
     lead = (rows,) if data.draw(st.booleans()) or rows == 0 else (1, rows)
     x = torch.randint(-3, 4, lead + (n * unit,)).float()
-    w = torch.randint(-3, 4, (outputs, n * unit)).float()
-    head, rest = w[:, :k * unit].contiguous(), w[:, k * unit:].contiguous()
+    w = _weight(outputs, n * unit, data.draw(st.booleans()))
     scale = 2.0 ** torch.randint(-2, 3, (outputs,)).float()
     offset = _offsets(outputs, lead)[offset_kind]
     critical = {"empty": NEVER, "full": ALWAYS, "drawn": data.draw(st.integers(-3, 1)) + 0.37}[mask]
-    (zr, cr), (zf, cf) = _both(x, head, rest, scale, offset, unit, k, test, critical, stages)
+    (zr, cr), (zf, cf) = _both(x, w, scale, offset, unit, k, test, critical, stages)
     assert zf.shape == zr.shape == lead + (outputs,)
     assert torch.equal(zf == 0, zr == 0)
     torch.testing.assert_close(zf, zr, rtol=0, atol=1e-4)
@@ -71,12 +77,11 @@ def test_fast_relu_linear_on_float_data_nothing_or_everything_pruned():
     torch.manual_seed(0)
     x, w = torch.randn(3, 784), torch.randn(1024, 784)
     scale, offset = torch.rand(1024) + 0.5, torch.randn(1024)
-    head, rest = w[:, :16].contiguous(), w[:, 16:].contiguous()
-    (zr, _), (zf, cf) = _both(x, head, rest, scale, offset, 1, 16, kernels.STATS, NEVER, 1)
+    (zr, _), (zf, cf) = _both(x, w, scale, offset, 1, 16, kernels.STATS, NEVER, 1)
     torch.testing.assert_close(zf, zr, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(zf, scale * (x @ w.T) + offset, rtol=1e-5, atol=1e-4)
     assert cf["computed"] == cf["partial"] + cf["test"] + cf["remainder"]
-    (_, _), (zf, cf) = _both(x, head, rest, scale, offset, 1, 16, kernels.THRESHOLD, ALWAYS, 1)
+    (_, _), (zf, cf) = _both(x, w, scale, offset, 1, 16, kernels.THRESHOLD, ALWAYS, 1)
     assert torch.all(zf == 0) and cf["computed"] == 3 * 1024 * (16 + 2)
 
 
@@ -85,7 +90,7 @@ def test_compiled_model_is_the_same_under_every_kernel_setting():
     x = torch.randint(-2, 3, (5, 16)).float()
     compiled = exprune_fx.compile(model, x, Config(alpha=0.2, k=8))
     outs, stats = {}, {}
-    for setting in fast.SETTINGS:
+    for setting in ("reference", "fast", "auto"):
         with fast.use(setting):
             compiled.reset_stats()
             outs[setting] = compiled(x)
@@ -98,12 +103,15 @@ def test_compiled_model_is_the_same_under_every_kernel_setting():
 def test_cost_model_uses_the_measured_survivor_share():
     stats = new_counters()
     with fast.use("auto"):
-        assert fast.choose(1, 0.02, stats) and fast.choose(8, 0.02, stats)  # before any call: survivors 1
-        assert not fast.choose(32, 0.02, stats)
+        assert fast.choose(1, 0.02, stats) == fast.choose(8, 0.02, stats) == fast.ROW  # before any call: survivors 1
+        assert fast.choose(32, 0.02, stats) == fast.BLAS
         stats[1], stats[2] = 100.0, 90.0  # 10% of outputs kept so far
-        assert fast.choose(32, 0.02, stats) and not fast.choose(200, 0.02, stats)
+        assert fast.choose(32, 0.02, stats) == fast.ROW and fast.choose(200, 0.02, stats) == fast.BLAS
+    with fast.use("fastest"):
+        assert fast.choose(1, 0.02, stats) == fast.ROW and fast.choose(200, 0.02, stats) == fast.DENSE
+        assert fast.choose(8, 0.02, new_counters()) == fast.DENSE  # nothing pruned yet: 8 rows cost 8 dense reads
     with fast.use("fast"):
-        assert fast.choose(10_000, 1.0, new_counters())
+        assert fast.choose(10_000, 1.0, new_counters()) == fast.ROW
 
 
 def test_kernel_setting_is_validated_and_restored():
@@ -118,11 +126,11 @@ def test_kernel_setting_is_validated_and_restored():
 def test_unsupported_calls_fall_back_to_the_reference():
     torch.manual_seed(1)
     x, w = torch.randn(2, 40, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64)
-    head, rest = w[:, :8].contiguous(), w[:, 8:].contiguous()
-    assert not fast.supported(x, head, rest)  # float64
-    assert not fast.supported(x.float(), w.float()[:, :8], w.float()[:, 8:])  # views, not compile-time blocks
+    assert not fast.supported(x, w)  # float64
+    assert not fast.supported(x.float(), w.float().T.contiguous().T)  # columns not contiguous
+    assert fast.supported(x.float(), w.float()[:, 1:])  # rows contiguous, any row stride
     with fast.use("fast"):
-        z = kernels.relu_linear(x, head, rest, torch.ones(6, dtype=torch.float64), None, 1, 8, kernels.STATS,
+        z = kernels.relu_linear(x, w, torch.ones(6, dtype=torch.float64), None, 1, 8, kernels.STATS,
                                 torch.tensor(NEVER), new_counters())
     torch.testing.assert_close(z, x @ w.T)
 
@@ -142,8 +150,8 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         assert fast.module() is None  # no second warning
         x, w = torch.randn(1, 40), torch.randn(6, 40)
         with fast.use("fast"):
-            z = kernels.relu_linear(x, w[:, :8].contiguous(), w[:, 8:].contiguous(), torch.ones(6), None, 1, 8,
-                                    kernels.STATS, torch.tensor(NEVER), new_counters())
+            z = kernels.relu_linear(x, w, torch.ones(6), None, 1, 8, kernels.STATS, torch.tensor(NEVER),
+                                    new_counters())
     torch.testing.assert_close(z, x @ w.T, rtol=1e-5, atol=1e-5)
 
 
@@ -156,16 +164,15 @@ def test_blas_kernel_for_many_rows_equals_reference(rows, outputs, unit, n, test
     k = data.draw(st.integers(2, n - 1))
     torch.manual_seed(data.draw(st.integers(0, 10_000)))
     x = torch.randint(-3, 4, (rows, n * unit)).float()
-    w = torch.randint(-3, 4, (outputs, n * unit)).float()
-    head, rest = w[:, :k * unit].contiguous(), w[:, k * unit:].contiguous()
+    w = _weight(outputs, n * unit, data.draw(st.booleans()))
     scale = 2.0 ** torch.randint(-2, 3, (outputs,)).float()
     offset = _offsets(outputs, (rows,))[offset_kind]
     critical = {"empty": NEVER, "full": ALWAYS, "drawn": data.draw(st.integers(-3, 1)) + 0.37}[mask]
     cr, cf = new_counters(), new_counters()
     with fast.use("reference"):
-        zr = kernels.relu_linear(x, head, rest, scale, offset, unit, k, test, torch.tensor(critical), cr)
+        zr = kernels.relu_linear(x, w, scale, offset, unit, k, test, torch.tensor(critical), cr)
     c = None if offset is None else offset.expand(rows, outputs)
-    zf = fast.relu_linear(x, head, rest, scale, c, unit, [k], test, critical, cf, row_wise=False)
+    zf = fast.relu_linear(x, w, scale, c, unit, [k], test, critical, cf, kernel=fast.BLAS)
     if unit != 1 and test == kernels.STATS:
         assert zf is None  # per-term squares: not this kernel's job
         return
@@ -173,3 +180,68 @@ def test_blas_kernel_for_many_rows_equals_reference(rows, outputs, unit, n, test
     torch.testing.assert_close(zf, zr, rtol=0, atol=1e-4)
     cr, cf = read(cr), read(cf)
     assert {f: v for f, v in cr.items() if f != "computed"} == {f: v for f, v in cf.items() if f != "computed"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 40), st.integers(1, 40), st.integers(3, 70), st.sampled_from(["none", "scalar", "vector", "full"]),
+       st.data())
+def test_dense_call_equals_the_layer_and_counts_nothing_pruned(rows, outputs, columns, offset_kind, data):
+    """The "fastest" setting's dense call: the layer's epilogue exactly (integer data), nothing
+    pruned, every term counted as computed, negatives counted as the reference counts them."""
+    torch.manual_seed(data.draw(st.integers(0, 10_000)))
+    x = torch.randint(-3, 4, (rows, columns)).float()
+    w = _weight(outputs, columns, data.draw(st.booleans()))
+    scale = 2.0 ** torch.randint(-2, 3, (outputs,)).float()
+    offset = _offsets(outputs, (rows,))[offset_kind]
+    c = None if offset is None else offset.expand(rows, outputs)
+    cf, cr = new_counters(), new_counters()
+    zf = fast.relu_linear(x, w, scale, c, 1, [2], kernels.STATS, 0.0, cf, kernel=fast.DENSE)
+    expected = scale * (x @ w.T) + (0.0 if offset is None else offset)
+    torch.testing.assert_close(zf, expected, rtol=0, atol=1e-4)
+    with fast.use("reference"):
+        kernels.relu_linear(x, w, scale, offset, 1, 2, kernels.STATS, torch.tensor(NEVER), cr)
+    cf, cr = read(cf), read(cr)
+    assert cf["pruned"] == 0 and cf["negative"] == cr["negative"] == float((expected < 0).sum())
+    assert cf["calls"] == 1 and cf["outputs"] == rows * outputs and cf["dense"] == rows * outputs * columns
+    assert cf["partial"] + cf["test"] + cf["remainder"] == cf["dense"] == cf["computed"]
+
+
+def test_fastest_prunes_where_it_pays_and_runs_dense_elsewhere():
+    """One row: the row-wise kernel (the reference's decisions); many rows: the dense layer
+    (the original model's outputs, nothing pruned)."""
+    model, _ = mlp(widths=(16, 256, 256, 4))
+    x = torch.randint(-2, 3, (64, 16)).float()
+    compiled = exprune_fx.compile(model, x[:2], Config(alpha=0.3, k=8))
+    with fast.use("reference"):
+        one_ref = compiled(x[:1])
+    with fast.use("fastest"):
+        compiled.reset_stats()
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+        assert sum(s["pruned"] for s in compiled.exprune_stats()["sites"].values()) == 0
+        torch.testing.assert_close(compiled(x[:1]), one_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fastest_runs_conv_and_argmax_sites_dense_and_counts_them():
+    """Convolution and argmax sites have no kernel that beats the dense layer on CPU: under
+    "fastest" they run dense (the original model's outputs) and their counters say so."""
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 6 * 6, 10)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    compiled = exprune_fx.compile(cnn, x, Config(alpha=0.3, k=8), outputs={"output": "argmax"})
+    assert {(s.kind, s.decision) for s in compiled.rewritten_sites} == {("conv2d", "relu"), ("linear", "argmax")}
+    with torch.no_grad():
+        with fast.use("reference"):
+            compiled.reset_stats()
+            compiled(x)
+            reference = compiled.exprune_stats()
+        with fast.use("fastest"):
+            compiled.reset_stats()
+            torch.testing.assert_close(compiled(x), cnn(x), rtol=1e-4, atol=1e-4)
+            fastest = compiled.exprune_stats()
+    for name, site in fastest["sites"].items():
+        assert site["pruned"] == 0 and site["executed_macs"] == site["dense_macs"] == reference["sites"][name]["dense_macs"]
+        assert site["outputs"] == reference["sites"][name]["outputs"] and site["calls"] == 1
+    conv = next(s.name for s in compiled.rewritten_sites if s.kind == "conv2d")
+    assert fastest["sites"][conv]["oracle_saved_macs"] > 0  # negatives are counted: the oracle bound stays known
+    assert fastest["reduction"] == pytest.approx(0.0, abs=1e-12)

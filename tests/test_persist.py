@@ -80,5 +80,5 @@ def test_unknown_format_version_is_refused(tmp_path):
                 meta["version"] = 99
                 data = json.dumps(meta).encode()
             dst.writestr(item, data)
-    with pytest.raises(InputError, match="version 99; this exprune-fx reads 'exprune-fx' version 1"):
+    with pytest.raises(InputError, match="version 99; this exprune-fx reads 'exprune-fx' version 2"):
         exprune_fx.load(future)

@@ -42,7 +42,7 @@ import torch
 
 from ..errors import InputError
 
-SETTINGS = ("auto", "fast", "reference")
+SETTINGS = ("auto", "fast", "fastest", "reference")
 _SOURCE = Path(__file__).parent / "csrc" / "fast_kernels.cpp"
 _state = {"setting": os.environ.get("EXPRUNE_KERNELS", "auto"), "module": None, "failed": None}
 _lock = threading.Lock()
@@ -53,6 +53,8 @@ _lock = threading.Lock()
 # about 8 rows whatever the survivors, and beats it up to 64 rows when few outputs survive. It is chosen when rows x (k-share + (1 - k-share) x survivor share) is at
 # most this bound.
 ROW_BUDGET = 8.0
+# Where the row-wise kernel beats the dense layer itself, in the same units (measured as above).
+DENSE_BUDGET = 2.0
 
 
 def use(setting: str):
@@ -119,36 +121,50 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def supported(x: torch.Tensor, head: torch.Tensor, rest: torch.Tensor) -> bool:
-    """Whether a linear call has a fast kernel: float32 CPU tensors, a weight split at
-    compile time into contiguous ``head`` and ``rest`` blocks."""
-    return (current() != "reference" and x.device.type == "cpu" and head.device.type == "cpu"
-            and x.dtype == head.dtype == rest.dtype == torch.float32 and head.dim() == 2
-            and head.is_contiguous() and rest.is_contiguous())
+def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a linear call has a fast kernel: float32 CPU tensors, a 2-d weight whose rows
+    are contiguous (any row stride: the head and rest are column ranges of it)."""
+    return (current() != "reference" and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1)
 
 
-def choose(rows: int, k_share: float, stats: torch.Tensor) -> bool:
-    """The cost model: True for the row-wise kernel, when its expected work in weight rows
-    read, ``rows * (k_share + (1 - k_share) * survivors)``, is at most :data:`ROW_BUDGET`
-    dense reads; ``survivors`` is the site's measured share of outputs kept so far
-    (counters), 1 before its first call. False: the BLAS kernel. ``"fast"`` always says True."""
-    if current() == "fast":
-        return True
+ROW, BLAS, DENSE = "row-wise", "blas", "dense"
+
+
+def choose(rows: int, k_share: float, stats: torch.Tensor) -> str:
+    """The cost model: the kernel for one call of a linear site. Its expected work in weight
+    rows read is ``reads = rows * (k_share + (1 - k_share) * survivors)``, ``survivors`` the
+    site's measured share of outputs kept so far (counters; 1 before its first call):
+
+    * ``"fast"``: always the row-wise kernel;
+    * ``"auto"``: row-wise when ``reads <= ROW_BUDGET``, else the BLAS kernel (the same
+      decisions, as many rows as BLAS likes);
+    * ``"fastest"``: row-wise when ``reads <= DENSE_BUDGET`` (where it beats the dense layer),
+      else the dense layer itself (this call prunes nothing).
+    """
+    setting = current()
+    if setting == "fast":
+        return ROW
     outputs, pruned = stats[1].item(), stats[2].item()
     survivors = 1.0 - pruned / outputs if outputs else 1.0
-    return rows * (k_share + (1.0 - k_share) * survivors) <= ROW_BUDGET
+    reads = rows * (k_share + (1.0 - k_share) * survivors)
+    if setting == "fastest":
+        return ROW if reads <= DENSE_BUDGET else DENSE
+    return ROW if reads <= ROW_BUDGET else BLAS
 
 
-def relu_linear(x2, head, rest, scale, offset, unit: int, ks: list[int], test: int, critical, stats,
-                row_wise: bool = True):
-    """A fast kernel on x2 [M, K] with ``offset`` None or [M, N] (see csrc/fast_kernels.cpp): the row-wise one, or
-    (``row_wise=False``) the BLAS one for many rows; None when the extension is not built or
-    the BLAS kernel does not cover the call (several stages; the stats test on multi-element terms)."""
+def relu_linear(x2, weight, scale, offset, unit: int, ks: list[int], test: int, critical, stats, kernel: str = ROW):
+    """A fast kernel on x2 [M, K] with ``offset`` None or [M, N] (see csrc/fast_kernels.cpp):
+    ``kernel`` is :data:`ROW`, :data:`BLAS` (many rows) or :data:`DENSE` (the dense layer, nothing
+    pruned); None when the extension is not built or the BLAS kernel does not cover the call
+    (several stages; the stats test on multi-element terms)."""
     ext = module()
-    if ext is None or not row_wise and (len(ks) > 1 or unit != 1 and test == 0):
+    if ext is None or kernel == BLAS and (len(ks) > 1 or unit != 1 and test == 0):
         return None
     off = torch.empty(0) if offset is None else offset  # [M, N], broadcast axes of stride 0
     x2, scale = x2.contiguous(), scale.to(torch.float32).contiguous()
-    if row_wise:
-        return ext.relu_linear(x2, head, rest, scale, off, unit, ks, test, float(critical), stats)
-    return ext.relu_linear_dense(x2, head, rest, scale, off, ks[0], test, float(critical), stats)
+    if kernel == ROW:
+        return ext.relu_linear(x2, weight, scale, off, unit, ks, test, float(critical), stats)
+    if kernel == BLAS:
+        return ext.relu_linear_dense(x2, weight, scale, off, unit, ks[0], test, float(critical), stats)
+    return ext.linear_dense(x2, weight, scale, off, stats)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast
-from .counters import add
+from .counters import FIELDS, INDEX, add
 
 STATS, THRESHOLD = 0, 1
 _CHUNK_ELEMENTS = 1 << 24  # bound on the per-term tensor of one matmul chunk (64 MiB of float32)
@@ -92,26 +92,25 @@ def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical
     ``stages > 1`` tests the outputs left undecided again at 2k, 4k, ... terms."""
     if weight.dim() > 2:
         return _relu_batched(x, weight, scale, offset, unit, k, test, critical, stats, stages)
-    return relu_linear(x, weight[:, :k * unit], weight[:, k * unit:], scale, offset, unit, k, test, critical, stats,
-                       stages)
+    return relu_linear(x, weight, scale, offset, unit, k, test, critical, stats, stages)
 
 
-def relu_linear(x, head, rest, scale, offset, unit: int, k: int, test: int, critical: float, stats,
+def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats,
                 stages: int = 1):
-    """:func:`relu_matmul` on a weight split after its first k terms: ``head`` [N, k * unit]
-    and ``rest`` [N, K - k * unit] (the rewrite splits compile-time weights, so that the
-    partial products read one dense block). On float32 CPU tensors a fast kernel runs
-    (:mod:`.fast`): row-wise or BLAS, as :func:`fast.choose` says."""
-    lead, big_k, n_out = x.shape[:-1], x.shape[-1], head.shape[0]
+    """:func:`relu_matmul` for a compile-time weight [N, K]: its first k terms (the "head",
+    ``weight[:, :k * unit]``) and the rest are column ranges of it. On float32 CPU tensors a
+    fast kernel runs (:mod:`.fast`), as :func:`fast.choose` says."""
+    lead, big_k, n_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, big_k)
     m, n, kh = x2.shape[0], big_k // unit, k * unit
     ks = stage_ks(k, n, stages)
-    if fast.supported(x2, head, rest):  # the row-wise kernel for few rows or survivors, else the BLAS one
+    if fast.supported(x2, weight):
         c = None if offset is None else _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
-        out = fast.relu_linear(x2, head, rest, scale, c, unit, ks, test, critical, stats,
-                               row_wise=fast.choose(m, kh / big_k, stats))
+        out = fast.relu_linear(x2, weight, scale, c, unit, ks, test, critical, stats,
+                               kernel=fast.choose(m, kh / big_k, stats))
         if out is not None:
             return out.reshape(lead + (n_out,))
+    head, rest = weight[:, :kh], weight[:, kh:]
     s1, s2 = _term_sums(x2[:, :kh], head, k, unit, test)
     c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     a = scale.to(x2.dtype)
@@ -241,6 +240,9 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     """Early negative prediction for a 2-d convolution; a term is ``unit`` input channels'
     whole window contribution, counted within each group. ``stages > 1`` tests the outputs
     left undecided again at 2k, 4k, ... terms (for the channels that have any)."""
+    if fast.current() == "fastest":  # no convolution kernel beats the dense one on CPU (docs/benchmarks.md)
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        return _dense_call(z, scale.to(x.dtype).view(1, -1, 1, 1), offset, stats, weight[0].numel(), count_negative=True)
     b, cin, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape
     g, cout_g = groups, cout // groups
@@ -292,6 +294,22 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     return out
 
 
+def _dense_call(z: torch.Tensor, scale: torch.Tensor, offset, stats, terms: int, count_negative: bool):
+    """A site run dense (the ``"fastest"`` setting, where no early-exit kernel pays): the folded
+    epilogue ``scale * z + offset`` in place, counted as one call that prunes nothing and
+    computes every output's ``terms`` MACs."""
+    z.mul_(scale)
+    if offset is not None:
+        z.add_(offset.to(z.dtype))
+    outputs = z.numel()
+    macs = outputs * terms
+    values = {"calls": 1, "outputs": outputs, "dense": macs, "remainder": macs, "computed": macs}
+    stats.add_(torch.tensor([float(values.get(f, 0)) for f in FIELDS], dtype=stats.dtype).to(stats.device))
+    if count_negative:
+        stats[INDEX["negative"]] += (z < 0).sum()
+    return z
+
+
 def _conv_term_sums(xk, wk, k: int, unit: int, test: int, stride, padding, dilation):
     """Sum and sum of squares of the k terms per conv output: xk [B, G, k*unit, H, W],
     wk [G, cout_g, k*unit, kh, kw]. The sum is one convolution (all the threshold test
@@ -316,6 +334,10 @@ def _conv_term_sums(xk, wk, k: int, unit: int, test: int, stride, padding, dilat
 def argmax_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical: float, stats):
     """Dominance prediction for a prediction head ``x @ weight.T`` read through argmax."""
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], weight.shape[0]
+    if fast.current() == "fastest":  # the test costs more than it saves at any stop rate measured so far
+        out = _dense_call(x @ weight.T, scale.to(x.dtype), offset, stats, big_k, count_negative=False)
+        stats[INDEX["outputs"]] -= out.numel() - out.numel() // max(n_out, 1)  # an argmax site counts rows
+        return out
     x2 = x.reshape(-1, big_k)
     m, n, ku = x2.shape[0], big_k // unit, k * unit
     xk, wk = x2[:, :ku], weight[:, :ku]

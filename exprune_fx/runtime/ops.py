@@ -52,9 +52,9 @@ _op("relu_matmul(Tensor x, Tensor weight, Tensor scale, Tensor? offset, int unit
     lambda x, weight, *rest, **kw: torch.matmul(x, weight.transpose(-1, -2)) if weight.dim() > 2
     else _rows_by(x, weight.shape[0]))
 
-_op("relu_linear(Tensor x, Tensor head, Tensor rest, Tensor scale, Tensor? offset, int unit, int k, int test, "
+_op("relu_linear(Tensor x, Tensor weight, Tensor scale, Tensor? offset, int unit, int k, int test, "
     "Tensor critical, Tensor(a!) stats, int stages=1) -> Tensor",
-    kernels.relu_linear, lambda x, head, *rest, **kw: _rows_by(x, head.shape[0]))
+    kernels.relu_linear, lambda x, weight, *rest, **kw: _rows_by(x, weight.shape[0]))
 
 _op("argmax_matmul(Tensor x, Tensor weight, Tensor scale, Tensor? offset, int unit, int k, int test, "
     "Tensor critical, Tensor(a!) stats) -> Tensor",

@@ -4,9 +4,9 @@
 // (row i, feature j) reads the first k terms of its weight row, is tested, and reads the rest of
 // the row only when it survives, so the work is proportional to the surviving outputs.
 //
-// Layouts: x [M, K] row-major and contiguous; the weight [N, K] split at compile time after
-// its first k terms into head [N, k*unit] and rest [N, K - k*unit], both contiguous (the rewrite
-// made every term's `unit` elements contiguous); offset is [M, N] with any strides (0 for
+// Layouts: x [M, K] row-major and contiguous; the weight [N, K] with unit stride along K and
+// any row stride (the rewrite made every term's `unit` elements contiguous); its first k*unit
+// columns are the "head", the rest the "rest". offset is [M, N] with any strides (0 for
 // broadcast) or empty. Counters are the float64 vector of counters.py, updated in place.
 // Threads: at::parallel_for over blocks of outputs (compiled with -fopenmp, sharing torch's
 // OpenMP runtime).
@@ -101,21 +101,20 @@ Offset offset_view(const at::Tensor& offset) {
 
 }  // namespace
 
-// Early negative prediction for relu(a * (x @ w.T) + c), w = [head | rest] split at compile
-// time after the first k terms (head [N, k*unit], rest [N, K - k*unit], both contiguous, so
-// that the partial products read one dense block). Returns z with pruned outputs 0. `ks` are the
+// Early negative prediction for relu(a * (x @ w.T) + c), w = [head | rest] with head its first
+// kh = k*unit columns. Returns z with pruned outputs 0. `ks` are the
 // stage term counts (k, 2k, ...); test 0 = stats (mean < critical * se), 1 = threshold
 // (mean < critical). Work is split in blocks of outputs; for each output every row is tested,
 // then the surviving rows get their remainders four rows at a time.
-at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& head, const at::Tensor& rest, const at::Tensor& scale,
+at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                        const at::Tensor& offset, int64_t unit, std::vector<int64_t> ks, int64_t test, double critical,
                        at::Tensor counters) {
-  const int64_t m = x.size(0), big_k = x.size(1), n_out = head.size(0);
-  const int64_t kh = head.size(1), kr = rest.size(1), n = big_k / unit, k = kh / unit;
+  const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0), ldw = weight.stride(0);
+  const int64_t n = big_k / unit, k = ks.front(), kh = k * unit, kr = big_k - kh;
   auto out = at::empty({m, n_out}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* hp = head.data_ptr<float>();
-  const float* rp = rest.data_ptr<float>();
+  const float* hp = weight.data_ptr<float>();
+  const float* rp = hp + kh;
   const float* ap = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const Offset c = offset_view(offset);
@@ -140,8 +139,8 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& head, const at::Te
       Tally t;
       const int64_t j1 = std::min(n_out, (b + 1) * block);
       for (int64_t j = b * block; j < j1; ++j) {
-        const float* hr = hp + j * kh;
-        const float* rr = rp + j * kr;
+        const float* hr = hp + j * ldw;
+        const float* rr = rp + j * ldw;
         const float a = ap[j];
         alive.clear();
         for (int64_t i = 0; i < m; ++i) {
@@ -226,11 +225,12 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& head, const at::Te
 // their squares) and the remainder are three matrix products over all outputs, then one fused
 // pass tests, applies the epilogue, zeroes the pruned outputs and counts. Single stage; the
 // stats test needs unit == 1 (its squares are per term).
-at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& head, const at::Tensor& rest,
-                             const at::Tensor& scale, const at::Tensor& offset, int64_t k, int64_t test,
-                             double critical, at::Tensor counters) {
-  const int64_t m = x.size(0), big_k = x.size(1), n_out = head.size(0), kh = head.size(1), n = big_k / (kh / k);
+at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                             const at::Tensor& offset, int64_t unit, int64_t k, int64_t test, double critical,
+                             at::Tensor counters) {
+  const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0), kh = k * unit, n = big_k / unit;
   const bool stats = test == 0;
+  const at::Tensor head = weight.narrow(1, 0, kh), rest = weight.narrow(1, kh, big_k - kh);
   const at::Tensor xh = x.narrow(1, 0, kh);
   const at::Tensor s1 = at::mm(xh, head.t());
   const at::Tensor s2 = stats ? at::mm(xh.square(), head.square().t()) : at::Tensor();
@@ -285,7 +285,43 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& head, const 
   return out;
 }
 
+// The same site run dense, for a call where no early-exit kernel beats the dense layer (the
+// "fastest" setting): one matrix product and one pass for the epilogue; nothing is pruned, and
+// the counters say so (every output computes all its terms).
+at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                        const at::Tensor& offset, at::Tensor counters) {
+  const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0);
+  at::Tensor out = at::mm(x, weight.t());
+  const float* ap = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const Offset c = offset_view(offset);
+  std::vector<double> negative(m);
+  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_out)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      double neg = 0;
+      for (int64_t j = 0; j < n_out; ++j) {
+        const float z = ap[j] * op[i * n_out + j] + c.at(i, j);
+        op[i * n_out + j] = z;
+        neg += z < 0;
+      }
+      negative[i] = neg;
+    }
+  });
+  double neg = 0;
+  for (double v : negative) neg += v;
+  const double dense = static_cast<double>(m) * n_out * big_k;
+  double* cp = counters.data_ptr<double>();
+  cp[kCalls] += 1;
+  cp[kOutputs] += static_cast<double>(m) * n_out;
+  cp[kDense] += dense;
+  cp[kRemainder] += dense;
+  cp[kComputed] += dense;
+  cp[kNegative] += neg;
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("linear_dense", &linear_dense, "the same site run dense (nothing pruned), counted");
   module.def("relu_linear", &relu_linear, "ExPrune early exit for relu(a * x @ w.T + c), float32 CPU");
   module.def("relu_linear_dense", &relu_linear_dense, "the same site for many rows: BLAS products, fused test");
 }
