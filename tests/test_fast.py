@@ -108,8 +108,9 @@ def test_cost_model_uses_the_measured_survivor_share():
         stats[1], stats[2] = 100.0, 90.0  # 10% of outputs kept so far
         assert fast.choose(32, 0.02, stats) == fast.ROW and fast.choose(200, 0.02, stats) == fast.BLAS
     with fast.use("fastest"):
-        assert fast.choose(1, 0.02, stats) == fast.ROW and fast.choose(200, 0.02, stats) == fast.DENSE
-        assert fast.choose(8, 0.02, new_counters()) == fast.DENSE  # nothing pruned yet: 8 rows cost 8 dense reads
+        assert fast.choose(1, 0.02, stats, 1024) == fast.ROW and fast.choose(200, 0.02, stats, 1024) == fast.DENSE
+        assert fast.choose(8, 0.02, new_counters(), 1024) == fast.DENSE  # nothing pruned yet: 8 rows, 8 dense reads
+        assert fast.choose(1, 0.02, stats, 128) == fast.DENSE  # a short row: the fixed cost per output decides
     with fast.use("fast"):
         assert fast.choose(10_000, 1.0, new_counters()) == fast.ROW
 

@@ -53,8 +53,13 @@ _lock = threading.Lock()
 # about 8 rows whatever the survivors, and beats it up to 64 rows when few outputs survive. It is chosen when rows x (k-share + (1 - k-share) x survivor share) is at
 # most this bound.
 ROW_BUDGET = 8.0
-# Where the row-wise kernel beats the dense layer itself, in the same units (measured as above).
-DENSE_BUDGET = 2.0
+# Where the row-wise kernel beats the dense layer itself ("fastest"), in the same units plus a
+# fixed cost per output (its test, its bookkeeping) of OUTPUT_COST weight elements. Measured on
+# 2 cores for layers 128x512 to 1024x1024 and 256x3136, 1-16 rows, 30-100% survivors: the
+# row-wise kernel is faster than the dense layer below about these bounds, and up to 2.5x
+# slower on a 512x128 layer at one row, where the fixed costs dominate.
+DENSE_BUDGET = 1.5
+OUTPUT_COST = 384.0
 
 
 def use(setting: str):
@@ -131,16 +136,17 @@ def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 ROW, BLAS, DENSE = "row-wise", "blas", "dense"
 
 
-def choose(rows: int, k_share: float, stats: torch.Tensor) -> str:
+def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30) -> str:
     """The cost model: the kernel for one call of a linear site. Its expected work in weight
     rows read is ``reads = rows * (k_share + (1 - k_share) * survivors)``, ``survivors`` the
-    site's measured share of outputs kept so far (counters; 1 before its first call):
+    site's measured share of outputs kept so far (counters; 1 before its first call), ``terms``
+    the contraction length K:
 
     * ``"fast"``: always the row-wise kernel;
     * ``"auto"``: row-wise when ``reads <= ROW_BUDGET``, else the BLAS kernel (the same
       decisions, as many rows as BLAS likes);
-    * ``"fastest"``: row-wise when ``reads <= DENSE_BUDGET`` (where it beats the dense layer),
-      else the dense layer itself (this call prunes nothing).
+    * ``"fastest"``: row-wise when ``reads + rows * OUTPUT_COST / terms <= DENSE_BUDGET``
+      (where it beats the dense layer), else the dense layer itself (this call prunes nothing).
     """
     setting = current()
     if setting == "fast":
@@ -149,7 +155,7 @@ def choose(rows: int, k_share: float, stats: torch.Tensor) -> str:
     survivors = 1.0 - pruned / outputs if outputs else 1.0
     reads = rows * (k_share + (1.0 - k_share) * survivors)
     if setting == "fastest":
-        return ROW if reads <= DENSE_BUDGET else DENSE
+        return ROW if reads + rows * OUTPUT_COST / terms <= DENSE_BUDGET else DENSE
     return ROW if reads <= ROW_BUDGET else BLAS
 
 

@@ -107,7 +107,7 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
     if fast.supported(x2, weight):
         c = None if offset is None else _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
         out = fast.relu_linear(x2, weight, scale, c, unit, ks, test, critical, stats,
-                               kernel=fast.choose(m, kh / big_k, stats))
+                               kernel=fast.choose(m, kh / big_k, stats, big_k))
         if out is not None:
             return out.reshape(lead + (n_out,))
     head, rest = weight[:, :kh], weight[:, kh:]
