@@ -210,7 +210,7 @@ def test_dense_call_equals_the_layer_and_counts_nothing_pruned(rows, outputs, co
 def test_fastest_prunes_where_it_pays_and_runs_dense_elsewhere():
     """One row: the row-wise kernel (the reference's decisions); many rows: the dense layer
     (the original model's outputs, nothing pruned)."""
-    model, _ = mlp(widths=(16, 256, 256, 4))
+    model, _ = mlp(widths=(16, 1024, 1024, 4))  # a site with K = 1024: one row pays for the row-wise kernel
     x = torch.randint(-2, 3, (64, 16)).float()
     compiled = exprune_fx.compile(model, x[:2], Config(alpha=0.3, k=8))
     with fast.use("reference"):
