@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from .analysis import Analysis, OutputSpec, analyze
 from .config import Config
 from .errors import InputError
+from .fastcall import LeanCall
 from .lifting import lift, normalize_inputs
 from .passes.rewrite import SiteReport, rewrite_sites
 from .runtime.counters import read
@@ -81,9 +82,21 @@ class CompiledModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         self._calls += 1
+        runner = self.__dict__["_runner"]
+        lean = self._lean_call(runner, kwargs)
+        if lean is not None:
+            out = lean(*args)
+            if out is not None:
+                self._rows += int(args[0].shape[0]) if args and args[0].dim() else 1
+                return out
         self._rows += batch_rows(args, kwargs)
+        if lean is not None:
+            self._check_dtypes(args)
         try:
-            return self._runner(*args, **kwargs)
+            out = runner(*args, **kwargs)
+            if lean is not None:
+                lean.accept(args)
+            return out
         except AssertionError as exc:
             if "Guard failed" not in str(exc):
                 raise
@@ -91,6 +104,23 @@ class CompiledModel(torch.nn.Module):
             raise InputError(
                 f"these inputs do not fit the compiled graph ({str(exc).strip()}); it was exported for "
                 f"{shapes}. Compile again with example inputs shaped like the ones you run.") from None
+
+    def _check_dtypes(self, args: tuple) -> None:
+        """Positional tensors of another dtype than the example's: the exported graph's guards do
+        not check dtypes, and the failure would come from deep inside an operator."""
+        for i, (got, example) in enumerate(zip(args, self.example_inputs[0])):
+            if isinstance(got, torch.Tensor) and isinstance(example, torch.Tensor) and got.dtype != example.dtype:
+                raise InputError(f"input {i} has dtype {got.dtype}; the model was compiled for {example.dtype}. "
+                                 f"Cast the input, or compile again with example inputs of that dtype.")
+
+    def _lean_call(self, runner, kwargs) -> LeanCall | None:
+        """The lean path (:mod:`.fastcall`) for positional calls of the exported graph itself."""
+        if kwargs or runner is not self.graph_module or not isinstance(runner, torch.fx.GraphModule):
+            return None
+        lean = self.__dict__.get("_lean")
+        if lean is None or lean.gm is not runner:
+            lean = self.__dict__["_lean"] = LeanCall(runner)
+        return lean
 
     @property
     def rewritten_sites(self) -> list[SiteReport]:

@@ -1,0 +1,94 @@
+"""A lean call path for exported graphs: no pytree flattening, no guard re-check on known inputs.
+
+``torch.export``'s module flattens the call's arguments against its input spec, runs its guard
+function (shape and dtype checks) and unflattens the outputs on every call. On a batch-1 call of
+a small model that is a measurable share of the time (docs/benchmarks.md, "Wall-clock time").
+:class:`LeanCall` runs the same graph as a plain function of its positional tensors:
+
+* it applies only to calls of positional tensors that match the graph's input spec;
+* the first call with a given signature (shapes, dtypes, devices) goes through the full,
+  guarded module; once that call has succeeded, later calls with the same signature skip the
+  flattening and the guards (the guards are a function of that signature only);
+* attributes (weights, counters) are read from the graph module at every call, so moving it to
+  another device or replacing a buffer takes effect.
+
+Example:
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).eval()
+    >>> gm = torch.export.export(m, (torch.randn(2, 4),)).module()
+    >>> lean = LeanCall(gm)
+    >>> x = torch.randn(2, 4)
+    >>> lean(x) is None  # first call with this signature: the caller runs the guarded module
+    True
+    >>> out = gm(x); lean.accept((x,))
+    >>> torch.equal(lean(x), m(x))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils import _pytree as pytree
+
+MAX_SIGNATURES = 64  # a model called with ever-new shapes keeps the guarded path
+
+
+def _signature(args: tuple):
+    return tuple((a.shape, a.dtype, a.device) for a in args)
+
+
+class LeanCall:
+    """Runs ``gm`` (a module made by ``torch.export``'s ``ExportedProgram.module()``) on known
+    positional-tensor signatures without its per-call flattening and guards; None otherwise."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.known: set = set()
+        self.fn = self._flat_forward(gm)
+        spec = getattr(gm, "_in_spec", None)
+        self.arity = _positional_arity(spec)
+        self.out_spec = getattr(gm, "_out_spec", None)
+
+    @staticmethod
+    def _flat_forward(gm: torch.fx.GraphModule):
+        """The graph as ``forward(self, *flat_inputs) -> flat outputs``, without the guard call."""
+        graph = torch.fx.Graph()
+        out = graph.graph_copy(gm.graph, {})
+        graph.output(out)
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+                graph.erase_node(node)
+        code = graph.python_code(root_module="self")
+        namespace = dict(code.globals)
+        exec(compile(code.src, "<exprune-fx lean forward>", "exec"), namespace)  # noqa: S102
+        return namespace["forward"]
+
+    def __call__(self, *args):
+        """The outputs, or None when this call must take the guarded path."""
+        if self.arity != len(args) or self.out_spec is None:
+            return None
+        for a in args:
+            if not isinstance(a, torch.Tensor):
+                return None
+        if _signature(args) not in self.known:
+            return None
+        flat = self.fn(self.gm, *args)
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+    def accept(self, args: tuple) -> None:
+        """Record that the guarded module accepted a call with these arguments."""
+        if (self.arity == len(args) and len(self.known) < MAX_SIGNATURES
+                and all(isinstance(a, torch.Tensor) for a in args)):
+            self.known.add(_signature(args))
+
+
+def _positional_arity(spec) -> int:
+    """Number of positional inputs when the spec is ``((tensors...), {})`` of plain leaves, else -1."""
+    if spec is None or spec.type is not tuple or spec.num_children != 2:
+        return -1
+    positional, keywords = spec.child(0), spec.child(1)
+    if positional.type is not tuple or keywords.type is not dict or keywords.num_children:
+        return -1
+    if any(not positional.child(i).is_leaf() for i in range(positional.num_children)):
+        return -1
+    return positional.num_children
