@@ -11,10 +11,15 @@ the median of its per-repetition ratios to dense eager:
 * ``count-only``: the ExPrune graph on the reference kernels (``fast.use("reference")``):
   the simulation, which counts skipped work but does not skip it;
 * ``fast``: the same graph on the fast kernels where the cost model picks them
-  (``fast.use("auto")``).
+  (``fast.use("auto")``): the same decisions as count-only;
+* ``fastest``: ``fast.use("fastest")``: per call, the row-wise kernel where the cost model
+  says it beats the dense layer, else the dense layer (that call prunes nothing); conv and
+  argmax sites run dense. Its accuracy and FLOPs reduction are measured at the row's batch
+  size (they depend on it) and reported beside the others.
 
 ``realization`` = (1 - fast time / dense time) / (whole-model FLOPs reduction), for the fast
-variant: 100% means the clock sees every FLOP skipped. FLOPs are 2 x multiply-accumulates.
+variant (and the same for fastest, with its own reduction): 100% means the clock sees every
+FLOP skipped. FLOPs are 2 x multiply-accumulates.
 
 Cases (configs chosen at <= 1% accuracy drop on a validation split, reported on a test split):
 
@@ -53,7 +58,7 @@ import tasks  # noqa: E402
 from calibration import _call, evaluate  # noqa: E402
 
 CASES = ("mlp", "resnet", "vgg", "opt_lm")
-VARIANTS = ("dense eager", "dense inductor", "dense graph", "count-only", "fast")
+VARIANTS = ("dense eager", "dense inductor", "dense graph", "count-only", "fast", "fastest")
 
 
 def side_by_side(fns: dict, inputs, repeats: int) -> dict:
@@ -89,20 +94,30 @@ def variants(model, compiled, example) -> dict:
         return run
 
     return {"dense eager": lambda i: _call(model, i), "dense inductor": lambda i: _call(inductor, i),
-            "dense graph": lambda i: _call(graph, i), "count-only": with_kernels("reference"), "fast": with_kernels("auto")}
+            "dense graph": lambda i: _call(graph, i), "count-only": with_kernels("reference"), "fast": with_kernels("auto"),
+            "fastest": with_kernels("fastest")}
 
 
-def flops_reduction(compiled, inputs) -> float:
+def flops_reduction(compiled, inputs, setting: str = "reference") -> float:
+    """Whole-model FLOPs reduction over ``inputs`` (one call, or a list of calls) under a setting."""
     compiled.reset_stats()
-    with torch.no_grad(), fast.use("reference"):
-        _call(compiled, inputs)
+    with torch.no_grad(), fast.use(setting):
+        for one in inputs if isinstance(inputs, list) else [inputs]:
+            _call(compiled, one)
     return compiled.exprune_stats()["reduction"]
 
 
+def _realization(ratio: float, reduction: float):
+    return (1 - ratio) / reduction if reduction > 0 else None
+
+
 def row(case: str, batch, timing: dict, reduction: float, extra: dict) -> dict:
-    saving = 1 - timing["fast"]["ratio"]
-    return {"case": case, "batch": batch, "flops_reduction": reduction, "timing": timing,
-            "realization": saving / reduction if reduction > 0 else None, **extra}
+    """``extra`` may carry ``fastest_reduction`` (the fastest variant's own FLOPs reduction)."""
+    out = {"case": case, "batch": batch, "flops_reduction": reduction, "timing": timing,
+           "realization": _realization(timing["fast"]["ratio"], reduction), **extra}
+    if "fastest_reduction" in extra:
+        out["fastest_realization"] = _realization(timing["fastest"]["ratio"], extra["fastest_reduction"])
+    return out
 
 
 class _SiteInputs(torch.fx.Interpreter):
@@ -130,9 +145,8 @@ def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
         recorder.run(*flat)
     rows = []
     for args in recorder.calls:
-        x, head, rest, scale, offset, unit, k, test, critical, _, stages = args
-        weight = torch.cat([head, rest], 1)
-        counters = torch.zeros(9, dtype=torch.float64)
+        x, weight, scale, offset, unit, k, test, critical, _, stages = args
+        counters = {setting: torch.zeros(9, dtype=torch.float64) for setting in ("reference", "auto", "fastest")}
 
         def dense(_):
             z = F.linear(x, weight) * scale
@@ -141,17 +155,18 @@ def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
         def op(setting):
             def run(_):
                 with fast.use(setting):
-                    return torch.ops.exprune.relu_linear(x, head, rest, scale, offset, unit, k, test, critical,
-                                                         counters, stages)
+                    return torch.ops.exprune.relu_linear(x, weight, scale, offset, unit, k, test, critical,
+                                                         counters[setting], stages)
             return run
 
-        timing = side_by_side({"dense eager": dense, "count-only": op("reference"), "fast": op("auto")}, None,
-                              repeats)
-        c = dict(zip(("calls", "outputs", "pruned", "dense", "partial", "test", "remainder"), counters.tolist()))
+        timing = side_by_side({"dense eager": dense, "count-only": op("reference"), "fast": op("auto"),
+                               "fastest": op("fastest")}, None, repeats)
+        c = dict(zip(("calls", "outputs", "pruned", "dense", "partial", "test", "remainder"),
+                     counters["reference"].tolist()))
         reduction = 1 - (c["partial"] + c["test"] + c["remainder"]) / c["dense"]
         rows.append({"case": case, "site_shape": list(weight.shape), "rows": int(x.reshape(-1, x.shape[-1]).shape[0]),
                      "prune_rate": c["pruned"] / c["outputs"], "flops_reduction": reduction, "timing": timing,
-                     "realization": (1 - timing["fast"]["ratio"]) / reduction if reduction > 0 else None})
+                     "realization": _realization(timing["fast"]["ratio"], reduction)})
     return rows
 
 
@@ -181,8 +196,12 @@ def image_case(name: str, model, repeats: int, val: int, test: int) -> list[dict
     for batch in (1, 32):
         inputs = xt[:batch]
         timing = side_by_side(variants(model, cal.compiled, xv[:4]), inputs, repeats)
+        at_batch = tasks.batches(xt[:512], yt[:512], batch)  # "fastest" decides per call: measured at this batch
+        with fast.use("fastest"):
+            fastest_acc = evaluate(cal.compiled, at_batch, None)
         rows.append(row(name, batch, timing, flops_reduction(cal.compiled, xt[:500]),
-                        {"dense_accuracy": dense_acc, "accuracy": acc,
+                        {"dense_accuracy": dense_acc, "accuracy": acc, "fastest_accuracy_512": fastest_acc,
+                         "fastest_reduction": flops_reduction(cal.compiled, [x for x, _ in at_batch], "fastest"),
                          "sites": [s.name for s in cal.compiled.rewritten_sites],
                          "linear_sites": site_rows(name, cal.compiled, inputs, repeats)}))
     return rows
@@ -233,6 +252,7 @@ def lm_case(repeats: int, contexts=(8, 100)) -> list[dict]:
         timing = side_by_side(variants(step, compiled, inputs), inputs, repeats)
         rows.append(row(f"opt_lm decode, context {context}", 1, timing, flops_reduction(compiled, inputs),
                         {"dense_accuracy": dense_test, "accuracy": acc, "alpha": chosen,
+                         "fastest_reduction": flops_reduction(compiled, inputs, "fastest"),
                          "sites": [s.name for s in compiled.rewritten_sites]}))
     return rows
 
@@ -249,18 +269,28 @@ def markdown(rows: list[dict], machine: str) -> str:
                      f"{100 * r['flops_reduction']:.2f}% | " +
                      " | ".join(f"{t[v]['median_ms']:.3f} (x{t[v]['ratio']:.2f})" for v in VARIANTS) +
                      f" | {real} |")
+    lines += ["", "The fastest variant: its own FLOPs reduction and realization at the row's batch size "
+              "(its accuracy on the first 512 test images at that batch size):", "",
+              "| case | batch | fastest ms (x dense) | FLOPs reduction | realization | accuracy (512 images) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t, real = r["timing"]["fastest"], r.get("fastest_realization")
+        acc = r.get("fastest_accuracy_512")
+        lines.append(f"| {r['case']} | {r['batch']} | {t['median_ms']:.3f} (x{t['ratio']:.2f}) | "
+                     f"{100 * r.get('fastest_reduction', 0.0):.2f}% | "
+                     f"{'n/a' if real is None else f'{100 * real:.0f}%'} | {'-' if acc is None else f'{acc:.4f}'} |")
     sites = [(r, s) for r in rows for s in r.get("linear_sites", [])]
     if sites:
         lines += ["", "Linear ReLU sites alone, on their real inputs (the op against the dense layer it replaced):", "",
                   "| case | site (N x K) | rows | prune rate | site FLOPs reduction | dense ms | count-only (x dense) | "
-                  "fast (x dense) | realization |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "fast (x dense) | realization | fastest (x dense) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r, s in sites:
             t = s["timing"]
             real = "n/a" if s["realization"] is None else f"{100 * s['realization']:.0f}%"
             lines.append(f"| {r['case']} | {s['site_shape'][0]} x {s['site_shape'][1]} | {s['rows']} | "
                          f"{100 * s['prune_rate']:.1f}% | {100 * s['flops_reduction']:.2f}% | "
                          f"{t['dense eager']['median_ms']:.3f} | x{t['count-only']['ratio']:.2f} | "
-                         f"x{t['fast']['ratio']:.2f} | {real} |")
+                         f"x{t['fast']['ratio']:.2f} | {real} | x{t['fastest']['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
