@@ -86,3 +86,10 @@ _op("sparse_relu_conv2d(Tensor x, Tensor first, Tensor first_w, Tensor rest_w, T
     sparse.sparse_relu_conv2d,
     lambda x, first, first_w, rest_w, nonzero, tested, taps_first, taps_all, scale, offset, stride, padding, dilation,
     *rest, **kw: F.conv2d(x, rest_w, None, stride, padding, dilation))
+
+# Zero-skip propagation (runtime/zero_skip.py): a linear layer fed by a ReLU reads only the
+# weight rows of its nonzero inputs; weight_t is the weight transposed at compile time, [K, N].
+from . import zero_skip as _zero_skip  # noqa: E402
+
+_op("zero_skip_linear(Tensor x, Tensor weight_t, Tensor? bias, Tensor(a!) stats) -> Tensor",
+    _zero_skip.zero_skip_linear, lambda x, weight_t, *rest, **kw: _rows_by(x, weight_t.shape[1]))
