@@ -230,15 +230,20 @@ def stats(obj: Any) -> dict[str, Any]:
     """
     graphs = _graphs_for(obj)
     sites, dense, executed, calls = {}, 0.0, 0.0, 0
+    skips, saved = {}, 0.0
     for i, compiled in enumerate(graphs):
         s = compiled.exprune_stats()
         sites.update({f"graph{i}.{name}": v for name, v in s["sites"].items()})
         dense += s["dense_flops"]
         executed += s["executed_flops"]
         calls += s["calls"]
+        skips.update({f"graph{i}.{name}": v for name, v in s["zero_skip"]["nodes"].items()})
+        saved += s["zero_skip"]["saved_flops"]
+    zero_skip = {"nodes": skips, "saved_flops": saved, "executed_flops": executed - saved,
+                 "reduction": 1.0 - (executed - saved) / dense if dense else 0.0}
     return {"graphs": len(graphs), "calls": calls, "sites": sites, "dense_flops": dense,
             "executed_flops": executed, "reduction": 1.0 - executed / dense if dense else 0.0,
-            "note": FLOPS_NOTE}
+            "zero_skip": zero_skip, "note": FLOPS_NOTE}
 
 
 def reset_stats(obj: Any) -> None:

@@ -33,6 +33,8 @@ from .errors import InputError
 from .fastcall import LeanCall
 from .lifting import lift, normalize_inputs
 from .passes.rewrite import SiteReport, rewrite_sites
+from .passes.zero_skip import ZeroSkipReport, add_zero_skip
+from .runtime import zero_skip
 from .runtime.counters import read
 
 FLOPS_NOTE = "FLOPs are 2 x multiply-accumulates (MACs) of the reductions, as torch.utils.flop_counter counts them"
@@ -61,7 +63,7 @@ class CompiledModel(torch.nn.Module):
 
     def __init__(self, graph_module: torch.nn.Module, sites: list[SiteReport], analysis: Analysis | None,
                  config: Config, other_flops_per_row: float, example_inputs: tuple[tuple, dict],
-                 dynamic_batch: bool, outputs: dict[str, str]):
+                 dynamic_batch: bool, outputs: dict[str, str], zero_skip: list[ZeroSkipReport] = ()):
         super().__init__()
         self.graph_module = graph_module
         self.sites = sites
@@ -70,6 +72,7 @@ class CompiledModel(torch.nn.Module):
         self.example_inputs = example_inputs
         self.dynamic_batch = dynamic_batch
         self.outputs = outputs
+        self.zero_skip = list(zero_skip)  # the linears Config(zero_skip=True) rewrote
         self._other_flops_per_row = other_flops_per_row
         self._calls = 0
         self._rows = 0
@@ -150,6 +153,8 @@ class CompiledModel(torch.nn.Module):
         """Zero every site's counters and the call count."""
         for report in self.rewritten_sites:
             self._counters(report).zero_()
+        for report in self.zero_skip:
+            getattr(self.graph_module, report.counters).zero_()
         self._calls = self._rows = 0
 
     def exprune_stats(self) -> dict[str, Any]:
@@ -181,8 +186,27 @@ class CompiledModel(torch.nn.Module):
             "dense_flops": dense_flops, "executed_flops": executed_flops,
             "reduction": 1.0 - executed_flops / dense_flops if dense_flops else 0.0,
             "oracle_reduction": oracle_saved / dense_flops if dense_flops else 0.0,
+            "zero_skip": self._zero_skip_stats(dense_flops, executed_flops),
             "note": FLOPS_NOTE,
         }
+
+    def _zero_skip_stats(self, dense_flops: float, executed_flops: float) -> dict[str, Any]:
+        """Per zero-skip linear: its dense and executed MACs (nonzero inputs x outputs) and input
+        density; whole model: the FLOPs it saves and ``executed_flops`` with them subtracted
+        (the top-level ``executed_flops`` and ``reduction`` count ExPrune sites only)."""
+        nodes, saved = {}, 0.0
+        for r in self.zero_skip:
+            c = zero_skip.read(getattr(self.graph_module, r.counters))
+            nodes[r.name] = {
+                "kind": r.kind, "in_features": r.in_features, "out_features": r.out_features,
+                "calls": int(c["calls"]), "rows": int(c["rows"]), "sparse_calls": int(c["sparse_calls"]),
+                "dense_macs": c["dense"], "executed_macs": c["executed"], "computed_macs": c["computed"],
+                "density": c["nonzero"] / (c["rows"] * r.in_features) if c["rows"] else 0.0,
+            }
+            saved += 2 * (c["dense"] - c["executed"])
+        executed = executed_flops - saved
+        return {"nodes": nodes, "saved_flops": saved, "executed_flops": executed,
+                "reduction": 1.0 - executed / dense_flops if dense_flops else 0.0}
 
     def report(self) -> str:
         """A table of every site: rewritten or why not, and its prune rate so far."""
@@ -201,6 +225,11 @@ class CompiledModel(torch.nn.Module):
             lines.append(f"whole model over {stats['calls']} call(s), {stats['rows']} row(s): "
                          f"{stats['dense_flops']:.4g} dense FLOPs, {stats['executed_flops']:.4g} executed, "
                          f"reduction {stats['reduction']:.2%} ({FLOPS_NOTE})")
+        zs = stats["zero_skip"]
+        if zs["nodes"] and stats["calls"]:
+            density = ", ".join(f"{name} {v['density']:.1%}" for name, v in zs["nodes"].items())
+            lines.append(f"zero-skip: input density {density}; with it {zs['executed_flops']:.4g} executed FLOPs, "
+                         f"reduction {zs['reduction']:.2%}")
         return "\n".join(lines)
 
 
@@ -333,9 +362,11 @@ class Prepared:
                              f"{[s.name for s in analysis.sites]}")
         graph_module = self.lifted.exported.module(check_guards=check_guards)
         reports = rewrite_sites(graph_module, analysis, config)
+        # zero-skip propagation: linears fed by a ReLU (after a site or not) skip zero inputs
+        skips = add_zero_skip(graph_module) if config.zero_skip else []
         args, kwargs = self.args, self.kwargs
         compiled = CompiledModel(graph_module, reports, analysis, config, 0.0, (args, kwargs),
-                                 self.lifted.dynamic_batch, analysis.outputs)
+                                 self.lifted.dynamic_batch, analysis.outputs, skips)
         with torch.no_grad():
             compiled(*args, **kwargs)  # runs the rewritten graph once, and measures its sites' work
         site_dense = sum(2 * read(compiled._counters(r))["dense"] for r in compiled.rewritten_sites)
@@ -343,7 +374,7 @@ class Prepared:
         compiled.source_fingerprint = self.fingerprint
         object.__setattr__(compiled, "source_model", self.model)  # for calibrate(); not a submodule
         compiled.reset_stats()
-        if not compiled.rewritten_sites:
+        if not compiled.rewritten_sites and not skips:
             warnings.warn(f"exprune: no site was rewritten, the compiled model runs dense "
                           f"({_reason_summary(reports)}); compiled.report() gives every site's reason",
                           ExPruneWarning, stacklevel=stacklevel)

@@ -18,6 +18,11 @@
   ``stages`` do not apply, ``k`` is the check interval.
 * ``sites``: per-site overrides keyed by site name, each a :class:`SiteConfig` or a dict
   with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``, ``stages``, ``mode``.
+* ``zero_skip`` (default False): zero-skip propagation (``passes/zero_skip.py``). After the
+  ExPrune rewrite, every linear layer with a static weight whose input is a ReLU output
+  (an ExPrune site's, or a plain ReLU's) sums only the weight rows of its nonzero inputs
+  when that pays. Exact up to float summation order; with every site disabled it is plain
+  ReLU-sparsity skipping, without ExPrune. A whole-model setting, not a per-site one.
 
 For an argmax (dominance) site, ``alpha`` is the family-wise error of the row's decision,
 split over the other classes by Bonferroni; ``threshold`` is a margin on the mean per-term
@@ -144,9 +149,12 @@ class Config:
     sites: Mapping[str, SiteConfig] = field(default_factory=dict)
     stages: int = 1
     mode: str = "statistical"
+    zero_skip: bool = False
 
     def __post_init__(self):
         _check_k(self.k, "Config")
+        if not isinstance(self.zero_skip, bool):
+            raise InputError(f"Config.zero_skip must be True or False (got {self.zero_skip!r})")
         _check_mode(self.mode, "Config")
         _check_stages(self.stages, "Config")
         _check_test(self.test, "Config")

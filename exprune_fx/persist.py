@@ -37,6 +37,7 @@ from .config import Config, SiteConfig
 from .errors import InputError
 from .lifting import _batch_dynamic, _shapes_by_name
 from .passes.rewrite import SiteReport
+from .passes.zero_skip import ZeroSkipReport
 
 FORMAT = "exprune-fx"
 VERSION = 2  # 2: exprune::relu_linear takes the whole weight
@@ -45,7 +46,7 @@ _META = "exprune.json"
 
 def _config_to_json(config: Config) -> dict:
     return {"k": config.k, "test": config.test, "alpha": config.alpha, "threshold": _num(config.threshold),
-            "stages": config.stages, "mode": config.mode, "sites": {name: dataclasses.asdict(sc) for name, sc in config.sites.items()}}
+            "stages": config.stages, "mode": config.mode, "zero_skip": config.zero_skip, "sites": {name: dataclasses.asdict(sc) for name, sc in config.sites.items()}}
 
 
 def _num(x: float) -> Any:
@@ -56,7 +57,8 @@ def _config_from_json(data: dict) -> Config:
     sites = {name: SiteConfig(**{k: (float(v) if k == "threshold" and isinstance(v, str) else v)
                                  for k, v in sc.items()}) for name, sc in data["sites"].items()}
     return Config(k=data["k"], test=data["test"], alpha=data["alpha"], threshold=float(data["threshold"]),
-                  sites=sites, stages=data.get("stages", 1), mode=data.get("mode", "statistical"))
+                  sites=sites, stages=data.get("stages", 1), mode=data.get("mode", "statistical"),
+                  zero_skip=data.get("zero_skip", False))
 
 
 def save(compiled: CompiledModel, path: str | os.PathLike) -> None:
@@ -73,6 +75,7 @@ def save(compiled: CompiledModel, path: str | os.PathLike) -> None:
     meta = {
         "format": FORMAT, "version": VERSION, "torch": torch.__version__,
         "sites": [dataclasses.asdict(s) for s in compiled.sites],
+        "zero_skip": [dataclasses.asdict(r) for r in compiled.zero_skip],
         "config": _config_to_json(compiled.config),
         "other_flops_per_row": compiled._other_flops_per_row,
         "dynamic_batch": compiled.dynamic_batch, "outputs": compiled.outputs,
@@ -103,9 +106,11 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> Compi
     sites = [SiteReport(**s) for s in meta["sites"]]
     graph_module = exported.module()
     compiled = CompiledModel(graph_module, sites, None, _config_from_json(meta["config"]),
-                             meta["other_flops_per_row"], ((), {}), meta["dynamic_batch"], meta["outputs"])
+                             meta["other_flops_per_row"], ((), {}), meta["dynamic_batch"], meta["outputs"],
+                             [ZeroSkipReport(**r) for r in meta.get("zero_skip", [])])
     compiled.source_fingerprint = meta["model_fingerprint"]
     missing = [s.counters for s in compiled.rewritten_sites if not hasattr(graph_module, s.counters)]
+    missing += [r.counters for r in compiled.zero_skip if not hasattr(graph_module, r.counters)]
     if missing:
         raise InputError(f"{path}: the saved graph lacks the counters {missing}; the file is damaged")
     compiled.reset_stats()
