@@ -72,7 +72,7 @@ class CompiledModel(torch.nn.Module):
         self.example_inputs = example_inputs
         self.dynamic_batch = dynamic_batch
         self.outputs = outputs
-        self.zero_skip = list(zero_skip)  # the linears Config(zero_skip=True) rewrote
+        self.zero_skip = list(zero_skip)  # the linears fed by a ReLU that Config(zero_skip=True) considered
         self._other_flops_per_row = other_flops_per_row
         self._calls = 0
         self._rows = 0
@@ -129,6 +129,11 @@ class CompiledModel(torch.nn.Module):
     def rewritten_sites(self) -> list[SiteReport]:
         return [s for s in self.sites if s.rewritten]
 
+    @property
+    def zero_skipped(self) -> list[ZeroSkipReport]:
+        """The linears the zero-skip pass rewrote."""
+        return [r for r in self.zero_skip if r.rewritten]
+
     def _counters(self, report: SiteReport) -> torch.Tensor:
         return getattr(self.graph_module, report.counters)
 
@@ -153,7 +158,7 @@ class CompiledModel(torch.nn.Module):
         """Zero every site's counters and the call count."""
         for report in self.rewritten_sites:
             self._counters(report).zero_()
-        for report in self.zero_skip:
+        for report in self.zero_skipped:
             getattr(self.graph_module, report.counters).zero_()
         self._calls = self._rows = 0
 
@@ -195,7 +200,7 @@ class CompiledModel(torch.nn.Module):
         density; whole model: the FLOPs it saves and ``executed_flops`` with them subtracted
         (the top-level ``executed_flops`` and ``reduction`` count ExPrune sites only)."""
         nodes, saved = {}, 0.0
-        for r in self.zero_skip:
+        for r in self.zero_skipped:
             c = zero_skip.read(getattr(self.graph_module, r.counters))
             nodes[r.name] = {
                 "kind": r.kind, "in_features": r.in_features, "out_features": r.out_features,
@@ -230,6 +235,7 @@ class CompiledModel(torch.nn.Module):
             density = ", ".join(f"{name} {v['density']:.1%}" for name, v in zs["nodes"].items())
             lines.append(f"zero-skip: input density {density}; with it {zs['executed_flops']:.4g} executed FLOPs, "
                          f"reduction {zs['reduction']:.2%}")
+        lines += [f"zero-skip: {r.name} stays dense: {r.reason}" for r in self.zero_skip if not r.rewritten]
         return "\n".join(lines)
 
 
@@ -374,7 +380,7 @@ class Prepared:
         compiled.source_fingerprint = self.fingerprint
         object.__setattr__(compiled, "source_model", self.model)  # for calibrate(); not a submodule
         compiled.reset_stats()
-        if not compiled.rewritten_sites and not skips:
+        if not compiled.rewritten_sites and not compiled.zero_skipped:
             warnings.warn(f"exprune: no site was rewritten, the compiled model runs dense "
                           f"({_reason_summary(reports)}); compiled.report() gives every site's reason",
                           ExPruneWarning, stacklevel=stacklevel)

@@ -110,7 +110,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> Compi
                              [ZeroSkipReport(**r) for r in meta.get("zero_skip", [])])
     compiled.source_fingerprint = meta["model_fingerprint"]
     missing = [s.counters for s in compiled.rewritten_sites if not hasattr(graph_module, s.counters)]
-    missing += [r.counters for r in compiled.zero_skip if not hasattr(graph_module, r.counters)]
+    missing += [r.counters for r in compiled.zero_skipped if not hasattr(graph_module, r.counters)]
     if missing:
         raise InputError(f"{path}: the saved graph lacks the counters {missing}; the file is damaged")
     compiled.reset_stats()

@@ -9,6 +9,10 @@ family as the sites' ReLU decision), possibly through layout ops and eval-mode d
 ``torch.ops.exprune.zero_skip_linear`` (:mod:`exprune_fx.runtime.zero_skip`): per call it
 sums only the weight rows of the nonzero inputs when its cost model says that pays, and runs
 the dense product otherwise. The result equals the dense linear up to float summation order.
+A layer on which the cost model says the sparse path can never win (``CostModel.can_pay``:
+a small product such as a 512 -> 128 projection or a 1024 -> 10 head, where the op's own
+overhead exceeds anything skipping saves) stays a plain linear, with the reason in its
+report, unless ``every_linear=True``.
 
 An ExPrune site's op returns its pruned outputs as 0 and the ReLU after it stays in the
 graph, so the linear after an ExPrune site is found the same way, and sees more zeros. A
@@ -18,7 +22,8 @@ not zero-skipped (the early-exit kernels read every input).
 State: per rewritten node, two buffers named ``exprune_zs_{node}_{what}``: ``weight_t`` (the
 weight transposed, [K, N], contiguous: each input's weight row is contiguous, as the
 embedding-bag sum needs) and ``counters`` (:data:`exprune_fx.runtime.zero_skip.FIELDS`).
-The new op node carries a :class:`ZeroSkipReport` in ``node.meta["exprune.zero_skip"]``.
+The new op node carries a :class:`ZeroSkipReport` in ``node.meta["exprune.zero_skip"]``
+(a linear left dense by the cost model carries its report, with the reason, there too).
 
 Memory: ``weight_t`` is a copy of the weight (``K * N`` elements per rewritten linear; none
 when the weight is already stored ``[K, N]`` contiguous, as for ``x @ W``). The pass drops
@@ -35,8 +40,10 @@ Example:
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(),
     ...                           torch.nn.Linear(32, 8), torch.nn.Linear(8, 2)).eval()
     >>> gm = lift(mlp, torch.randn(2, 4), dynamic_batch=True).exported.module()
-    >>> [(r.name, r.in_features, r.out_features) for r in add_zero_skip(gm)]
-    [('linear_1', 32, 8)]
+    >>> [(r.name, r.in_features, r.out_features, r.rewritten) for r in add_zero_skip(gm)]
+    [('linear_1', 32, 8, False)]
+    >>> [(r.name, r.rewritten) for r in add_zero_skip(gm, every_linear=True)]  # small: forced
+    [('linear_1', True)]
     >>> x = torch.randn(3, 4)
     >>> torch.allclose(gm(x), mlp(x), atol=1e-5)
     True
@@ -53,6 +60,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from exprune_fx.runtime import ops  # noqa: F401  (registers torch.ops.exprune)
+from exprune_fx.runtime import zero_skip
 from exprune_fx.runtime.zero_skip import new_counters
 from .rewrite import NotRewritable, _Builder, _device, _static_operands
 from .rules import RuleContext
@@ -64,16 +72,19 @@ KINDS = ("linear", "addmm", "mm", "matmul")
 
 @dataclass(frozen=True)
 class ZeroSkipReport:
-    """One linear the pass rewrote: the node's name in the graph before the rewrite, its
-    sizes, the ReLU-family node feeding it, and the names of its buffers on the graph module."""
+    """One linear fed by a ReLU: the node's name in the graph before the pass, its sizes,
+    the ReLU-family node feeding it, whether it was rewritten (else why not), and the names
+    of its buffers on the graph module."""
 
     name: str
     kind: str
     in_features: int
     out_features: int
     relu: str
-    weight_t: str
-    counters: str
+    rewritten: bool = True
+    reason: str | None = None
+    weight_t: str | None = None
+    counters: str | None = None
 
 
 def relu_source(value) -> Node | None:
@@ -87,16 +98,17 @@ def relu_source(value) -> Node | None:
     return None
 
 
-def add_zero_skip(gm: GraphModule) -> list[ZeroSkipReport]:
-    """Rewrite, in place, every linear of ``gm`` with a static weight fed by a ReLU; report
-    on each one rewritten (module docstring)."""
+def add_zero_skip(gm: GraphModule, every_linear: bool = False) -> list[ZeroSkipReport]:
+    """Rewrite, in place, every linear of ``gm`` with a static weight fed by a ReLU on which
+    the sparse path can pay (every one with ``every_linear=True``); report on each linear
+    with a static weight fed by a ReLU (module docstring)."""
     reports, weights = [], set()
     for node in list(gm.graph.nodes):
         kind = SITE_KINDS.get(_packet(node)) if node.op == "call_function" else None
         if kind not in KINDS:
             continue
         try:
-            rewritten = _rewrite(gm, node, kind)
+            rewritten = _rewrite(gm, node, kind, every_linear)
         except NotRewritable:
             continue
         except Exception as exc:  # a bug here must name the node, as the other passes do
@@ -112,8 +124,9 @@ def add_zero_skip(gm: GraphModule) -> list[ZeroSkipReport]:
     return reports
 
 
-def _rewrite(gm: GraphModule, node: Node, kind: str):
-    """Replace one linear node; None when it does not qualify (no ReLU input, run-time weight)."""
+def _rewrite(gm: GraphModule, node: Node, kind: str, every_linear: bool):
+    """Replace one linear node and return its report and the attributes its weight came from;
+    None when it does not qualify (no ReLU input, run-time weight)."""
     x_arg = node.args[1] if kind == "addmm" else node.args[0]
     relu = relu_source(x_arg)
     if relu is None:
@@ -127,13 +140,18 @@ def _rewrite(gm: GraphModule, node: Node, kind: str):
     if weight.dim() != 2 or not weight.is_floating_point():
         return None
     out_features, in_features = weight.shape
+    if not every_linear and not zero_skip.COST.can_pay(in_features, out_features):
+        reason = f"the sparse path cannot pay on a {in_features} -> {out_features} product (cost model)"
+        node.meta[META_ZERO_SKIP] = ZeroSkipReport(node.name, kind, in_features, out_features, relu.name, False, reason)
+        return node.meta[META_ZERO_SKIP], set()
     weight_arg = node.args[2] if kind == "addmm" else node.args[1]
     # _Builder names buffers f"exprune_{index}_{site.name}_{what}": here exprune_zs_{node}_{what}
     builder = _Builder(gm, types.SimpleNamespace(name=node.name), "zs", node)
     weight_t = builder.buffer("weight_t", weight.T)  # contiguous [K, N] (a copy unless stored so)
     counters = builder.buffer("counters", new_counters(_device(gm)))
     call = builder.call(torch.ops.exprune.zero_skip_linear.default, x, weight_t, bias, counters)
-    report = ZeroSkipReport(node.name, kind, in_features, out_features, relu.name, weight_t.target, counters.target)
+    report = ZeroSkipReport(node.name, kind, in_features, out_features, relu.name, True, None, weight_t.target,
+                            counters.target)
     call.meta[META_ZERO_SKIP] = report
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)

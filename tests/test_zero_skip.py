@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +18,13 @@ from exprune_fx.runtime import zero_skip
 from exprune_fx.zoo import mlp
 
 PATHS = ("auto", "sparse", "dense")
+# A cost model under which skipping always pays: the pass then rewrites the small layers of
+# these tests, which the measured model (rightly) leaves dense.
+ALWAYS = zero_skip.CostModel(dense_rows=1e9, sparse_macs=0.0, scan=0.0, overhead=0.0)
+
+
+def every_layer():
+    return mock.patch.object(zero_skip, "COST", ALWAYS)
 
 
 def sparse_input(shape, density: float, pattern: str, generator, dtype=torch.float64) -> torch.Tensor:
@@ -81,6 +89,9 @@ def test_cost_model():
     cost = zero_skip.COST
     assert cost.sparse(1, 1024, 1024, 50) and not cost.sparse(64, 1024, 1024, 60000)  # sparse/dense big layer
     assert not cost.sparse(1, 512, 128, 10)  # the fixed overhead exceeds a small layer's product
+    assert cost.can_pay(1024, 1024) and cost.can_pay(8192, 2048)
+    assert not cost.can_pay(512, 128) and not cost.can_pay(1024, 10)
+    assert not any(cost.sparse(rows, 512, 128, 0) for rows in (1, 8, 64, 4096))
     assert not zero_skip.choose(0, 1024, 1024, 0)  # an empty call runs dense
     with zero_skip.use("sparse"):
         assert zero_skip.choose(64, 512, 128, 60000)
@@ -118,7 +129,8 @@ def test_pass_rewrites_exactly_the_linears_fed_by_a_relu():
     model = Mixed().eval()
     args = (torch.randn(3, 6), torch.randn(12, 5))
     gm = lift(model, args, dynamic_batch=True).exported.module()
-    reports = add_zero_skip(gm)
+    reports = add_zero_skip(gm, every_linear=True)
+    assert all(r.rewritten for r in reports)
     assert [(r.kind, r.in_features, r.out_features) for r in reports] == \
         [("linear", 16, 16), ("linear", 16, 8), ("mm", 8, 12), ("addmm", 12, 12)]
     ops = [n for n in gm.graph.nodes if n.target is torch.ops.exprune.zero_skip_linear.default]
@@ -165,7 +177,7 @@ def test_compiled_model_equals_original(widths, plain, path, seed, rows):
     model, x = _relu_mlp(tuple(widths), seed=seed)
     names = _linear_names(len(widths) - 1)
     config = Config(zero_skip=True, alpha=0.0, k=2, sites={n: {"enabled": not plain} for n in names})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), every_layer():
         warnings.simplefilter("ignore", ExPruneWarning)
         compiled = exprune_fx.compile(model, x, config)
     # every linear after a ReLU, unless it is itself a rewritten ExPrune site
@@ -181,7 +193,8 @@ def test_hf_opt_ffn_down_projection():
 
     model, inputs = hf_opt()
     for config in (_all_disabled(model, inputs), Config(zero_skip=True, alpha=0.0, k=8)):
-        compiled = exprune_fx.compile(model, inputs, config, outputs={"logits": "argmax"})
+        with every_layer():
+            compiled = exprune_fx.compile(model, inputs, config, outputs={"logits": "argmax"})
         assert [(r.in_features, r.out_features) for r in compiled.zero_skip] == [(64, 32), (64, 32)]  # fc2 x 2
         with torch.no_grad(), zero_skip.use("sparse"):
             got = compiled(**inputs).logits
@@ -190,7 +203,8 @@ def test_hf_opt_ffn_down_projection():
 
 def test_stats_and_report():
     model, x = _relu_mlp((8, 32, 16, 3))
-    compiled = exprune_fx.compile(model, x, _all_disabled(model, x))
+    with every_layer():
+        compiled = exprune_fx.compile(model, x, _all_disabled(model, x))
     assert compiled.exprune_stats()["zero_skip"]["nodes"]["linear_1"]["calls"] == 0  # compile's own run reset
     inputs = torch.randn(5, 8)
     with torch.no_grad():
@@ -224,14 +238,15 @@ def test_off_by_default_and_validated():
 def test_no_warning_when_only_zero_skip_rewrites():
     model, x = mlp(widths=(8, 32, 16, 3))
     config = _all_disabled(model, x)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), every_layer():
         warnings.simplefilter("error", ExPruneWarning)
         exprune_fx.compile(model, x, config)
 
 
 def test_save_load_round_trip(tmp_path):
     model, x = _relu_mlp((8, 64, 64, 3))
-    compiled = exprune_fx.compile(model, x, Config(zero_skip=True, alpha=0.2, k=8))
+    with every_layer():
+        compiled = exprune_fx.compile(model, x, Config(zero_skip=True, alpha=0.2, k=8))
     path = tmp_path / "m.pt2"
     exprune_fx.save(compiled, path)
     loaded = exprune_fx.load(path, model=model)
@@ -248,7 +263,46 @@ def test_torch_compile_backend(inner):
     model, x = _relu_mlp((8, 32, 32, 3))
     b = exprune_fx.backend(Config(zero_skip=True, alpha=0.0, k=8), inner=inner)
     fast = torch.compile(model, backend=b)
-    with torch.no_grad(), zero_skip.use("sparse"):
+    with torch.no_grad(), zero_skip.use("sparse"), every_layer():
         torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
     nodes = exprune_fx.stats(b)["zero_skip"]["nodes"]
     assert list(nodes) == ["graph0.linear_2"] and nodes["graph0.linear_2"]["rows"] == 4
+
+
+def test_cost_model_leaves_layers_where_skipping_cannot_pay():
+    model, x = mlp(widths=(16, 1024, 1024, 10))
+    with torch.no_grad():
+        model[2].bias.sub_(0.5)  # sparser ReLU outputs before the head
+    compiled = exprune_fx.compile(model, x, _all_disabled(model, x))
+    assert [(r.name, r.rewritten) for r in compiled.zero_skip] == [("linear_1", True), ("linear_2", False)]
+    assert "cannot pay on a 1024 -> 10 product" in compiled.zero_skip[1].reason
+    assert "2.weight" not in dict(compiled.graph_module.named_parameters())  # linear_1's, transposed
+    assert "4.weight" in dict(compiled.graph_module.named_parameters())  # the head's, untouched
+    inputs = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(inputs), model(inputs), rtol=1e-5, atol=1e-5)
+    assert list(compiled.exprune_stats()["zero_skip"]["nodes"]) == ["linear_1"]
+    assert "zero-skip: linear_2 stays dense: the sparse path cannot pay" in compiled.report()
+
+
+def test_benchmark_pieces(tmp_path):
+    """benchmarks/zero_skip.py: the per-layer rows on a small model, the grid and the fit."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import zero_skip as bench
+
+    model, x = _relu_mlp((8, 64, 32, 3))
+    compiled = bench._compile(model, x, _all_disabled(model, x))
+    rows = bench.zero_skip_rows("mlp", compiled, torch.randn(9, 8), repeats=2, rows=(1, 8, 32), runs=2)
+    assert [(r["node"], r["shape"], r["rows"]) for r in rows] == \
+        [("linear_1", [64, 32], 1), ("linear_1", [64, 32], 8), ("linear_2", [32, 3], 1), ("linear_2", [32, 3], 8)]
+    assert all(0 <= r["density"] <= 1 and not r["rewritten_by_default"] for r in rows)
+    assert rows[0]["timing"]["dense linear"]["ratio"] == 1.0
+    assert "| mlp | linear_1 (64 -> 32) | no | 8 |" in bench.markdown(rows)
+    cells = bench.grid(shapes=((64, 32),), rows=(1, 4), densities=(0.1, 0.9), repeats=2, runs=1)
+    assert len(cells) == 4 and all(c["dense_ms"] > 0 and c["sparse_ms"] > 0 for c in cells)
+    model_fit, lost = bench.fit(cells)
+    assert isinstance(model_fit, zero_skip.CostModel) and 0 <= lost <= bench.loss(cells, zero_skip.COST)
+    assert "| 64 x 32 | 4 |" in bench.grid_markdown(cells)

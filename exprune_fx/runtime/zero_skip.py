@@ -59,7 +59,9 @@ loses 0.3% of the time of always taking the faster path, over the grid (always d
 The sparse path pays on the large layers: 0.1-0.6x the dense time at densities up to 0.2
 (1 to 64 rows), and up to density 0.7-0.9 on 1 to 4 rows, where BLAS is least efficient.
 It never pays on the 512 x 128 layer, whose whole dense product (0.011-0.084 ms) is about
-the sparse path's fixed cost.
+the sparse path's fixed cost: :meth:`CostModel.can_pay` says so at compile time, and the
+pass leaves such layers dense (the op would add its own overhead, about 6 us a call, to a
+product that can never get cheaper).
 
 Counters: each zero-skip node has a float64 tensor with :data:`FIELDS`: ``calls``,
 ``rows``, ``nonzero`` (nonzero inputs seen), ``dense`` (MACs of the dense linear,
@@ -112,6 +114,11 @@ class CostModel(NamedTuple):
         """Whether the sparse path is expected to be at most as slow as the dense one."""
         dense = k * n * (1.0 + (rows - 1) / self.dense_rows)
         return self.sparse_macs * nonzero * n + self.scan * rows * k + self.overhead <= dense
+
+    def can_pay(self, k: int, n: int) -> bool:
+        """Whether the sparse path wins on some call of a K -> N layer: on one all-zero row,
+        or on many rows (the dense cost per row, ``k * n / dense_rows``, exceeds the scan's)."""
+        return self.sparse(1, k, n, 0) or n / self.dense_rows > self.scan
 
 
 COST = CostModel(dense_rows=8.0, sparse_macs=0.25, scan=40.0, overhead=50_000.0)
