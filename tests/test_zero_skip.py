@@ -306,3 +306,17 @@ def test_benchmark_pieces(tmp_path):
     model_fit, lost = bench.fit(cells)
     assert isinstance(model_fit, zero_skip.CostModel) and 0 <= lost <= bench.loss(cells, zero_skip.COST)
     assert "| 64 x 32 | 4 |" in bench.grid_markdown(cells)
+
+
+def test_after_pruning_sites_equals_the_same_model_without_zero_skip():
+    """Sites that prune (alpha > 0) feed their consumer more zeros; skipping them changes nothing."""
+    model, x = _relu_mlp((16, 128, 128, 64, 5), shift=0.0)
+    without = exprune_fx.compile(model, x, Config(alpha=0.3, k=8))
+    with every_layer():
+        with_skip = exprune_fx.compile(model, x, Config(zero_skip=True, alpha=0.3, k=8))
+    assert [r.name for r in with_skip.zero_skipped] == ["linear_3"] and len(with_skip.rewritten_sites) == 2
+    inputs = torch.randn(7, 16)
+    with torch.no_grad(), zero_skip.use("sparse"):
+        torch.testing.assert_close(with_skip(inputs), without(inputs), rtol=1e-5, atol=1e-5)
+    sites, skips = with_skip.exprune_stats()["sites"], with_skip.exprune_stats()["zero_skip"]["nodes"]
+    assert sites["linear_2"]["pruned"] > 0 and skips["linear_3"]["density"] < 0.5
