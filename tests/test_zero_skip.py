@@ -320,3 +320,17 @@ def test_after_pruning_sites_equals_the_same_model_without_zero_skip():
         torch.testing.assert_close(with_skip(inputs), without(inputs), rtol=1e-5, atol=1e-5)
     sites, skips = with_skip.exprune_stats()["sites"], with_skip.exprune_stats()["zero_skip"]["nodes"]
     assert sites["linear_2"]["pruned"] > 0 and skips["linear_3"]["density"] < 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+def test_kernel_on_cuda(path):
+    g = torch.Generator().manual_seed(0)
+    x = sparse_input((4, 3, 64), 0.2, "random", g, torch.float32).cuda()
+    w, b = torch.randn(16, 64, generator=g).cuda(), torch.randn(16, generator=g).cuda()
+    stats = zero_skip.new_counters("cuda")
+    with zero_skip.use(path):
+        y = torch.ops.exprune.zero_skip_linear(x, w.T.contiguous(), b, stats)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    c = zero_skip.read(stats)
+    assert c["rows"] == 12 and c["executed"] == int(torch.count_nonzero(x)) * 16 and c["sparse_calls"] == (path == "sparse")
