@@ -120,15 +120,16 @@ def row(case: str, batch, timing: dict, reduction: float, extra: dict) -> dict:
     return out
 
 
-class _SiteInputs(torch.fx.Interpreter):
-    """Runs a rewritten graph and keeps the arguments of every ``exprune.relu_linear`` call."""
+class OpCalls(torch.fx.Interpreter):
+    """Runs a graph and keeps the arguments of every call of ``op`` (an op overload)."""
 
-    def __init__(self, gm):
+    def __init__(self, gm, op):
         super().__init__(gm)
+        self.op = op
         self.calls = []
 
     def call_function(self, target, args, kwargs):
-        if target is torch.ops.exprune.relu_linear.default:
+        if target is self.op:
             self.calls.append(args)
         return super().call_function(target, args, kwargs)
 
@@ -141,7 +142,7 @@ def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
     gm = compiled.graph_module
     flat = tree_flatten(((inputs,), {}))[0]
     with torch.no_grad(), fast.use("reference"):
-        recorder = _SiteInputs(gm)
+        recorder = OpCalls(gm, torch.ops.exprune.relu_linear.default)
         recorder.run(*flat)
     rows = []
     for args in recorder.calls:

@@ -144,19 +144,6 @@ def grid_markdown(cells: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _ZeroSkipInputs(torch.fx.Interpreter):
-    """Runs a graph and keeps the arguments of every ``exprune.zero_skip_linear`` call."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.calls = []
-
-    def call_function(self, target, args, kwargs):
-        if target is torch.ops.exprune.zero_skip_linear.default:
-            self.calls.append(args)
-        return super().call_function(target, args, kwargs)
-
-
 def zero_skip_rows(case: str, compiled, inputs, repeats: int, rows=(1, 8, 32), runs: int = 3) -> list[dict]:
     """Each zero-skip linear of ``compiled`` (compiled with ``Config(zero_skip=True)``) alone,
     on the input it receives when ``compiled`` runs ``inputs`` (a tensor, a tuple of
@@ -165,9 +152,10 @@ def zero_skip_rows(case: str, compiled, inputs, repeats: int, rows=(1, 8, 32), r
     it (the cost model picks the path) and the kernel with its sparse path forced, side by
     side. All cells are swept ``runs`` times; each keeps its median over the sweeps."""
     from torch.utils._pytree import tree_flatten
+    from wallclock import OpCalls
 
     args, kwargs = normalize_inputs(inputs)
-    recorder = _ZeroSkipInputs(compiled.graph_module)
+    recorder = OpCalls(compiled.graph_module, torch.ops.exprune.zero_skip_linear.default)
     with torch.no_grad():
         recorder.run(*tree_flatten((args, kwargs))[0])
     op = torch.ops.exprune.zero_skip_linear.default

@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .setting import set_scoped
 
 SETTINGS = ("auto", "fast", "fastest", "reference")
 _SOURCE = Path(__file__).parent / "csrc" / "fast_kernels.cpp"
@@ -64,19 +64,7 @@ OUTPUT_COST = 384.0
 
 def use(setting: str):
     """Set the kernels for the whole process; as a context manager, restore the old setting on exit."""
-    if setting not in SETTINGS:
-        raise InputError(f"kernels must be one of {SETTINGS} (got {setting!r})")
-    old = _state["setting"]
-    _state["setting"] = setting
-
-    @contextlib.contextmanager
-    def restore():
-        try:
-            yield
-        finally:
-            _state["setting"] = old
-
-    return restore()
+    return set_scoped(_state, setting, SETTINGS, "kernels")
 
 
 def current() -> str:

@@ -88,7 +88,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -96,6 +95,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from .setting import set_scoped
 
 FIELDS = ("calls", "rows", "nonzero", "dense", "executed", "computed", "sparse_calls")
 SETTINGS = ("auto", "sparse", "dense")
@@ -137,18 +137,7 @@ def read(stats: torch.Tensor) -> dict[str, float]:
 def use(setting: str):
     """Pick the path for the whole process: ``"auto"`` (the cost model), ``"sparse"`` or
     ``"dense"``; as a context manager, restore the old setting on exit."""
-    if setting not in SETTINGS:
-        raise InputError(f"zero-skip setting must be one of {SETTINGS} (got {setting!r})")
-    old, _state["setting"] = _state["setting"], setting
-
-    @contextlib.contextmanager
-    def restore():
-        try:
-            yield
-        finally:
-            _state["setting"] = old
-
-    return restore()
+    return set_scoped(_state, setting, SETTINGS, "zero-skip setting")
 
 
 def choose(rows: int, k: int, n: int, nonzero: int) -> bool:
