@@ -14,7 +14,8 @@ fewer evaluations than a black-box search (the reference ran 2000 Optuna trials 
    whose total drop, plus ``margin`` standard errors of it, stays within ``max_drop``.
 
 Evaluations are counted in full-data equivalents (a profile run on a quarter of the data
-counts 0.25). Calibrate on a validation split; report on a held-out split.
+counts 0.25). Whole-model settings of the compiled model (``zero_skip``) carry over to every
+trial. Calibrate on a validation split; report on a held-out split.
 
 Example:
     >>> import torch, exprune_fx
@@ -170,7 +171,9 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
 
     dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)
-    base = Config(k=min(ks), test=test, stages=stages, **{grid.setting: grid.off})
+    # whole-model settings of the compiled model (zero-skip) carry over to every trial
+    base = Config(k=min(ks), test=test, stages=stages, zero_skip=compiled.config.zero_skip,
+                  **{grid.setting: grid.off})
     Config(k=exact_k)  # validates
     candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, base, grid, progress)
     if exact:

@@ -72,7 +72,7 @@ from .lifting import lift, normalize_inputs
 PROG = "exprune-fx"
 STAGES = ("lifted", "analyzed", "rewritten")
 STATS_FORMATS = ("text", "json")
-CONFIG_FLAGS = ("k", "test", "alpha", "threshold", "mode")
+CONFIG_FLAGS = ("k", "test", "alpha", "threshold", "mode", "zero_skip")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _SUFFIX_FORMATS = {".txt": "text", ".json": "json", ".dot": "dot", ".svg": "dot", ".png": "dot"}
 _SPEC_FORMS = "'package.module:callable' or 'path/to/file.py:callable'"
@@ -145,6 +145,9 @@ def _add_config_arguments(command: argparse.ArgumentParser) -> None:
     group.add_argument("--mode", choices=MODES, default=None,
                        help="statistical (default): the tests above; exact: lossless early exit on "
                             "non-negative inputs (sign-ordered terms, --k is the check interval)")
+    group.add_argument("--zero-skip", action="store_true", default=None,
+                       help="zero-skip propagation: linears fed by a ReLU sum only the weight rows of "
+                            "their nonzero inputs where that pays (Config(zero_skip=True))")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,7 +415,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     except InputError as exc:
         message = _one_line(str(exc))
         for name in CONFIG_FLAGS:
-            message = message.replace(f"Config.{name} ", f"--{name} ")
+            message = message.replace(f"Config.{name} ", f"--{name.replace('_', '-')} ")
         raise CliError(f"invalid compile setting: {message}") from exc
 
 
@@ -458,7 +461,7 @@ def run_dump(args: argparse.Namespace) -> int:
     if outputs is not None and args.stage == "lifted":
         raise CliError("--outputs only applies to --stage analyzed or rewritten")
     if args.stage != "rewritten" and _config_flags(args):
-        flags = [f"--{name}" for name in _config_flags(args)]
+        flags = [f"--{name.replace('_', '-')}" for name in _config_flags(args)]
         verb = "applies" if len(flags) == 1 else "apply"
         raise CliError(f"{', '.join(flags)} only {verb} to --stage rewritten (and to the stats command)")
     config = config_from_args(args) if args.stage == "rewritten" else None

@@ -111,3 +111,14 @@ def test_zero_budget_takes_the_lossless_exact_mode(setup):
             assert torch.equal(result.compiled(x).argmax(1), model(x).argmax(1))
     without = exprune_fx.calibrate(compiled, val, max_drop=0.0, ks=(16,), alphas=(0.2,), exact=False, progress=False)
     assert without.config.for_site("linear_1").mode == "statistical"
+
+
+def test_calibration_keeps_zero_skip(setup):
+    model, val, _ = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4], exprune_fx.Config(zero_skip=True))
+    considered = [r.name for r in compiled.zero_skip]
+    assert considered  # the trained MLP has linears fed by a ReLU
+    result = exprune_fx.calibrate(compiled, val[:2], max_drop=0.01, ks=(16,), alphas=(0.05,), exact=False,
+                                  progress=False)
+    assert result.config.zero_skip
+    assert [r.name for r in result.compiled.zero_skip] == considered

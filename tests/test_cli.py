@@ -257,6 +257,16 @@ def test_stats_exact_mode_flag(capsys):
     assert status == 2 and "--mode" in err
 
 
+def test_stats_zero_skip_flag(capsys):
+    status, out, err = run_cli(capsys, "stats", MLP, "--zero-skip", "--batches", "1")
+    assert status == 0 and err == ""
+    assert re.search(r"^zero-skip: (input density linear_\d+ |.* stays dense: )", out, re.M)
+    status, out, _ = run_cli(capsys, "stats", MLP, "--batches", "1")
+    assert status == 0 and "zero-skip" not in out
+    status, _, err = run_cli(capsys, "dump", MLP, "--zero-skip")
+    assert status == 2 and "--zero-skip only applies to --stage rewritten" in err
+
+
 def test_stats_json_parses(capsys):
     status, out, _ = run_cli(capsys, "stats", MLP, "--format", "json", "--batches", "2")
     assert status == 0
