@@ -246,3 +246,35 @@ def test_fastest_runs_conv_and_argmax_sites_dense_and_counts_them():
     conv = next(s.name for s in compiled.rewritten_sites if s.kind == "conv2d")
     assert fastest["sites"][conv]["oracle_saved_macs"] > 0  # negatives are counted: the oracle bound stays known
     assert fastest["reduction"] == pytest.approx(0.0, abs=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["linear", "linear3d", "conv"]), st.integers(0, 5), st.integers(1, 12), st.integers(1, 6),
+       st.sampled_from(["none", "scalar", "channel", "full", "row"]), st.booleans(), st.booleans(), st.data())
+def test_dense_epilogue_equals_the_folded_layer(shape, rows, features, spatial, offset_kind, count_negative, per_row,
+                                               data):
+    """The dense call's epilogue (one C++ pass where the extension is built): ``scale * z + offset``
+    on linear ([M, N], [B, T, N]) and convolution ([B, C, H, W]) outputs, whatever the offset's
+    broadcast, and the counters of a call that prunes nothing."""
+    torch.manual_seed(data.draw(st.integers(0, 10_000)))
+    dims = {"linear": (rows, features), "linear3d": (rows, 2, features), "conv": (rows, features, spatial, 2)}[shape]
+    channel = 1 if shape == "conv" else -1
+    z = torch.randint(-4, 5, dims).float()
+    scale = 2.0 ** torch.randint(-2, 3, (features,)).float()
+    along = [1] * len(dims)
+    along[channel] = features
+    row_shape = [dims[0]] + [1] * (len(dims) - 1)
+    offset = {"none": None, "scalar": torch.tensor(0.5), "channel": torch.randn(along),
+              "full": torch.randn(dims), "row": torch.randn(row_shape)}[offset_kind]
+    per_row = per_row and shape != "conv"  # argmax sites are linear
+    expected = z * scale.view(along) + (0.0 if offset is None else offset)
+    for dtype in (torch.float32, torch.float64):  # the C++ pass (float32, when built) and the torch ops
+        stats = new_counters()
+        got = kernels._dense_call(z.to(dtype, copy=True), scale, offset, stats, 7, count_negative, per_row)
+        torch.testing.assert_close(got, expected.to(dtype), rtol=0, atol=1e-5)
+        c = read(stats)
+        outputs = expected.numel()
+        assert c["calls"] == 1 and c["pruned"] == 0
+        assert c["outputs"] == (outputs // features if per_row else outputs)
+        assert c["dense"] == c["computed"] == c["remainder"] == 7 * outputs
+        assert c["negative"] == (float((expected < 0).sum()) if count_negative else 0.0)

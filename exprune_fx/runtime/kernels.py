@@ -242,7 +242,7 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     left undecided again at 2k, 4k, ... terms (for the channels that have any)."""
     if fast.current() == "fastest":  # no convolution kernel beats the dense one on CPU (docs/benchmarks.md)
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return _dense_call(z, scale.to(x.dtype).view(1, -1, 1, 1), offset, stats, weight[0].numel(), count_negative=True)
+        return _dense_call(z, scale, offset, stats, weight[0].numel(), count_negative=True)
     b, cin, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape
     g, cout_g = groups, cout // groups
@@ -294,15 +294,26 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     return out
 
 
-def _dense_call(z: torch.Tensor, scale: torch.Tensor, offset, stats, terms: int, count_negative: bool):
+def _dense_call(z: torch.Tensor, scale: torch.Tensor, offset, stats, terms: int, count_negative: bool,
+                per_row: bool = False):
     """A site run dense (the ``"fastest"`` setting, where no early-exit kernel pays): the folded
-    epilogue ``scale * z + offset`` in place, counted as one call that prunes nothing and
-    computes every output's ``terms`` MACs."""
-    z.mul_(scale)
+    epilogue ``scale * z + offset`` in place on ``z`` (``[..., N]`` for a linear site,
+    ``[B, C, H, W]`` for a convolution; ``scale`` one value per output feature or channel),
+    counted as one call that prunes nothing and computes every output's ``terms`` MACs
+    (``per_row``: an argmax site, one decision per row). One C++ pass where the extension is
+    built (float32 CPU); torch ops otherwise."""
+    ext = fast.module() if z.dtype == torch.float32 and z.device.type == "cpu" else None
+    if ext is not None and z.is_contiguous() and stats.device.type == "cpu":
+        ext.dense_site(z, scale, offset, stats, terms, count_negative, per_row)
+        return z
+    n = z.shape[-1] if z.dim() != 4 else z.shape[1]
+    planes = z.view(z.shape[0], n, z.shape[2] * z.shape[3]) if z.dim() == 4 else z.view(z.numel() // max(n, 1), n, 1)
+    scale = scale.to(z.dtype).reshape(-1)
+    planes.mul_(scale.view(1, -1, 1))
     if offset is not None:
         z.add_(offset.to(z.dtype))
-    outputs = z.numel()
-    macs = outputs * terms
+    outputs = planes.shape[0] if per_row else z.numel()
+    macs = z.numel() * terms
     values = {"calls": 1, "outputs": outputs, "dense": macs, "remainder": macs, "computed": macs}
     stats.add_(torch.tensor([float(values.get(f, 0)) for f in FIELDS], dtype=stats.dtype).to(stats.device))
     if count_negative:
@@ -335,9 +346,7 @@ def argmax_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critic
     """Dominance prediction for a prediction head ``x @ weight.T`` read through argmax."""
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     if fast.current() == "fastest":  # the test costs more than it saves at any stop rate measured so far
-        out = _dense_call(x @ weight.T, scale.to(x.dtype), offset, stats, big_k, count_negative=False)
-        stats[INDEX["outputs"]] -= out.numel() - out.numel() // max(n_out, 1)  # an argmax site counts rows
-        return out
+        return _dense_call(x @ weight.T, scale, offset, stats, big_k, count_negative=False, per_row=True)
     x2 = x.reshape(-1, big_k)
     m, n, ku = x2.shape[0], big_k // unit, k * unit
     xk, wk = x2[:, :ku], weight[:, :ku]

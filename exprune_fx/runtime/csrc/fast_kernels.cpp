@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -285,43 +286,97 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   return out;
 }
 
-// The same site run dense, for a call where no early-exit kernel beats the dense layer (the
-// "fastest" setting): one matrix product and one pass for the epilogue; nothing is pruned, and
-// the counters say so (every output computes all its terms).
+// The epilogue of a site run dense (the "fastest" setting), in place and in one pass:
+// z = a * z + c on z viewed as [M, N, S] (contiguous; S = 1 for a linear layer, the spatial
+// size for a convolution), a [N], c empty or [M, N, S] with any strides (0 for broadcast).
+// The counters record one call that prunes nothing (every output computes its `terms` MACs)
+// and, when `count_negative`, the outputs left negative (what a perfect predictor would prune).
+// `per_row`: the site decides once per row (argmax), so it counts M outputs.
+void dense_epilogue(at::Tensor z, const at::Tensor& scale, const at::Tensor& offset, at::Tensor counters,
+                    int64_t terms, bool count_negative, bool per_row) {
+  TORCH_CHECK(z.is_contiguous() && z.scalar_type() == at::kFloat && z.dim() == 3, "dense_epilogue: z [M, N, S] float32");
+  const int64_t m = z.size(0), n = z.size(1), sp = z.size(2);
+  const float* ap = scale.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  const bool has_c = offset.defined() && offset.numel();
+  const float* cp = has_c ? offset.data_ptr<float>() : nullptr;
+  const int64_t c0 = has_c ? offset.stride(0) : 0, c1 = has_c ? offset.stride(1) : 0, c2 = has_c ? offset.stride(2) : 0;
+  const int64_t planes = m * n;
+  std::atomic<int64_t> negative{0};
+  // one (row, feature) plane of S elements per step; S = 1: a row of N features per step
+  const bool rows = sp == 1;
+  const int64_t steps = rows ? m : planes, width = rows ? n : sp;
+  at::parallel_for(0, steps, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, width)), [&](int64_t b0, int64_t b1) {
+    int64_t neg = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      float* zr = zp + b * width;
+      if (rows) {
+        const float* cr = cp ? cp + b * c0 : nullptr;
+        if (cr && c1 == 1) {
+#pragma omp simd reduction(+ : neg)
+          for (int64_t j = 0; j < n; ++j) { const float v = ap[j] * zr[j] + cr[j]; zr[j] = v; neg += v < 0; }
+        } else {
+          for (int64_t j = 0; j < n; ++j) { const float v = ap[j] * zr[j] + (cr ? cr[j * c1] : 0.0f); zr[j] = v; neg += v < 0; }
+        }
+      } else {
+        const int64_t i = b / n, j = b % n;
+        const float a = ap[j];
+        const float* cr = cp ? cp + i * c0 + j * c1 : nullptr;
+        if (!cr) {
+#pragma omp simd reduction(+ : neg)
+          for (int64_t s = 0; s < sp; ++s) { const float v = a * zr[s]; zr[s] = v; neg += v < 0; }
+        } else if (c2 == 0) {
+          const float c = cr[0];
+#pragma omp simd reduction(+ : neg)
+          for (int64_t s = 0; s < sp; ++s) { const float v = a * zr[s] + c; zr[s] = v; neg += v < 0; }
+        } else if (c2 == 1) {
+#pragma omp simd reduction(+ : neg)
+          for (int64_t s = 0; s < sp; ++s) { const float v = a * zr[s] + cr[s]; zr[s] = v; neg += v < 0; }
+        } else {
+          for (int64_t s = 0; s < sp; ++s) { const float v = a * zr[s] + cr[s * c2]; zr[s] = v; neg += v < 0; }
+        }
+      }
+    }
+    negative += neg;
+  });
+  const int64_t neg = negative.load();
+  const double outputs = static_cast<double>(m) * n * sp, dense = outputs * terms;
+  double* kp = counters.data_ptr<double>();
+  kp[kCalls] += 1;
+  kp[kOutputs] += per_row ? static_cast<double>(m) : outputs;
+  kp[kDense] += dense;
+  kp[kRemainder] += dense;
+  kp[kComputed] += dense;
+  if (count_negative) kp[kNegative] += static_cast<double>(neg);
+}
+
+// A site run dense in place: z [..., N] (linear) or [B, C, H, W] (convolution), scale one value
+// per output feature or channel, offset None or broadcastable to z (any dtype).
+void dense_site(at::Tensor z, const at::Tensor& scale, const c10::optional<at::Tensor>& offset, at::Tensor counters,
+                int64_t terms, bool count_negative, bool per_row) {
+  TORCH_CHECK(z.is_contiguous() && z.scalar_type() == at::kFloat, "dense_site: z must be contiguous float32");
+  const bool conv = z.dim() == 4;
+  const int64_t n = conv ? z.size(1) : (z.dim() ? z.size(-1) : 1);
+  at::Tensor planes = conv ? z.view({z.size(0), n, z.size(2) * z.size(3)})
+                           : z.view({z.numel() / std::max<int64_t>(n, 1), n, 1});
+  at::Tensor c = offset.has_value() ? offset->to(at::kFloat).expand_as(z).reshape(planes.sizes()) : at::Tensor();
+  dense_epilogue(planes, scale.to(at::kFloat).contiguous(), c, counters, terms, count_negative, per_row);
+}
+
+// The same linear site run dense, for a call where no early-exit kernel beats the dense layer
+// (the "fastest" setting): one matrix product and the epilogue pass; nothing is pruned, and the
+// counters say so (every output computes all its terms).
 at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                         const at::Tensor& offset, at::Tensor counters) {
   const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0);
   at::Tensor out = at::mm(x, weight.t());
-  const float* ap = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const Offset c = offset_view(offset);
-  std::vector<double> negative(m);
-  at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_out)), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      double neg = 0;
-      for (int64_t j = 0; j < n_out; ++j) {
-        const float z = ap[j] * op[i * n_out + j] + c.at(i, j);
-        op[i * n_out + j] = z;
-        neg += z < 0;
-      }
-      negative[i] = neg;
-    }
-  });
-  double neg = 0;
-  for (double v : negative) neg += v;
-  const double dense = static_cast<double>(m) * n_out * big_k;
-  double* cp = counters.data_ptr<double>();
-  cp[kCalls] += 1;
-  cp[kOutputs] += static_cast<double>(m) * n_out;
-  cp[kDense] += dense;
-  cp[kRemainder] += dense;
-  cp[kComputed] += dense;
-  cp[kNegative] += neg;
+  dense_epilogue(out.view({m, n_out, 1}), scale, offset.numel() ? offset.unsqueeze(2) : offset, counters, big_k, true, false);
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("linear_dense", &linear_dense, "the same site run dense (nothing pruned), counted");
+  module.def("dense_site", &dense_site, "a site's epilogue a * z + c in place, counted as run dense");
   module.def("relu_linear", &relu_linear, "ExPrune early exit for relu(a * x @ w.T + c), float32 CPU");
   module.def("relu_linear_dense", &relu_linear_dense, "the same site for many rows: BLAS products, fused test");
 }
