@@ -76,6 +76,7 @@ class NotRewritable(Exception):
 def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]:
     """Rewrite every eligible, enabled site of ``gm`` in place; report on every site."""
     reports = []
+    read_before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     lifted_nodes = {n.name: n for n in analysis.graph_module.graph.nodes}
     for index, site in enumerate(analysis.sites):
         cfg = config.for_site(site.name)
@@ -94,6 +95,7 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
                 reason = str(exc)
         reports.append(SiteReport(**base, rewritten=False, reason=reason))
     gm.graph.eliminate_dead_code()
+    drop_unread(gm, read_before)  # e.g. a weight a site reordered into its own buffer, a folded batch norm's
     gm.graph.lint()
     gm.recompile()
     return reports
@@ -143,6 +145,17 @@ class _Builder:
             self.gm.graph.erase_node(node)
         for name in self.buffers:
             delattr(self.gm, name)
+
+
+def drop_unread(gm: GraphModule, targets: set[str]) -> None:
+    """Delete the parameters/buffers in ``targets`` that no node of the graph reads any more, so
+    that the rewritten graph module holds each weight once."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in sorted(targets - read):
+        owner, _, name = target.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        if name in module._parameters or name in module._buffers:
+            delattr(module, name)
 
 
 def static_value(gm: GraphModule, value: Any) -> Any:

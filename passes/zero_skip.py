@@ -62,7 +62,7 @@ from torch.fx import GraphModule, Node
 from exprune_fx.runtime import ops  # noqa: F401  (registers torch.ops.exprune)
 from exprune_fx.runtime import zero_skip
 from exprune_fx.runtime.zero_skip import new_counters
-from .rewrite import NotRewritable, _Builder, _device, _static_operands
+from .rewrite import NotRewritable, _Builder, _device, _static_operands, drop_unread
 from .rules import RuleContext
 from .sites import _LAYOUT, _is_relu, _packet, SITE_KINDS
 
@@ -118,7 +118,7 @@ def add_zero_skip(gm: GraphModule, every_linear: bool = False) -> list[ZeroSkipR
             reports.append(report)
             weights |= sources
     gm.graph.eliminate_dead_code()
-    _drop_unread(gm, weights)
+    drop_unread(gm, weights)
     gm.graph.lint()
     gm.recompile()
     return reports
@@ -167,13 +167,3 @@ def _attributes(value) -> set[str]:
             out.add(n.target)
         todo.extend(n.all_input_nodes)
     return out
-
-
-def _drop_unread(gm: GraphModule, targets: set[str]) -> None:
-    """Delete the parameters/buffers in ``targets`` that no node of the graph reads any more."""
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in sorted(targets - read):
-        owner, _, name = target.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        if name in module._parameters or name in module._buffers:
-            delattr(module, name)

@@ -326,3 +326,36 @@ def test_retune_changes_alpha_without_recompiling(tmp_path):
         compiled.retune("linear_1", k=8)
     with pytest.raises(InputError, match="not a rewritten site"):
         compiled.retune("linear", alpha=0.1)
+
+
+class _ChannelsLastHead(torch.nn.Module):
+    """A linear over channels-last features: its exchangeable terms (the channels) are not the
+    leading factor of the flattened input, so the rewrite reorders the weight into a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16 * 4 * 4, 32)
+        self.out = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).permute(0, 2, 3, 1).flatten(1)
+        return self.out(torch.relu(self.fc(h)))
+
+
+def test_rewritten_graph_holds_each_weight_once(tmp_path):
+    torch.manual_seed(0)
+    model, x = _ChannelsLastHead().eval(), torch.randn(2, 3, 4, 4)
+    compiled = exprune_fx.compile(model, x, Config(k=4, alpha=0.0))
+    assert [s.name for s in compiled.rewritten_sites] == ["linear"]
+    params = dict(compiled.graph_module.named_parameters())
+    buffers = dict(compiled.graph_module.named_buffers())
+    assert "fc.weight" not in params and "fc.bias" not in params  # reordered into a buffer, bias folded
+    assert buffers["exprune_1_linear_weight"].shape == model.fc.weight.shape
+    assert "conv.weight" in params and "out.weight" in params  # still read by the graph
+    assert model.fc.weight is dict(model.named_parameters())["fc.weight"]  # the user's model is untouched
+    inputs = torch.randn(5, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(inputs), model(inputs), rtol=1e-5, atol=1e-5)
+        exprune_fx.save(compiled, tmp_path / "m.pt")
+        torch.testing.assert_close(exprune_fx.load(tmp_path / "m.pt")(inputs), model(inputs), rtol=1e-5, atol=1e-5)
