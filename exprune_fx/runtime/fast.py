@@ -14,11 +14,13 @@ Which kernels run is a process-wide setting:
   reference kernels elsewhere, and everywhere when the extension cannot be built (no C++
   compiler), with one warning;
 * ``"fast"``: the row-wise kernel on every supported call, whatever the cost;
+* ``"fastest"``: per call, the row-wise kernel where it beats the dense layer, else the dense
+  layer itself (that call prunes nothing); convolution and argmax sites run dense;
 * ``"reference"``: the reference kernels only (the count-only simulation).
 
 Set it with :func:`use` (also a context manager) or the ``EXPRUNE_KERNELS`` environment
-variable. Outputs and counters are the same under every setting, except ``computed`` (the
-MACs the kernel actually spent) and float rounding.
+variable. Outputs and counters are the same under every setting but ``"fastest"``, except
+``computed`` (the MACs the kernel actually spent) and float rounding.
 
 Example:
     >>> import torch
@@ -40,6 +42,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from .counters import INDEX
 from .setting import set_scoped
 
 SETTINGS = ("auto", "fast", "fastest", "reference")
@@ -50,8 +53,8 @@ _lock = threading.Lock()
 # The cost model's bound, in dense weight reads per call. The row-wise kernel reads each weight
 # row once per input row, while BLAS reuses a row across input rows: measured on 2 cores
 # (docs/benchmarks.md, "Wall-clock time"), the row-wise kernel is about as fast as BLAS up to
-# about 8 rows whatever the survivors, and beats it up to 64 rows when few outputs survive. It is chosen when rows x (k-share + (1 - k-share) x survivor share) is at
-# most this bound.
+# about 8 rows whatever the survivors, and beats it up to 64 rows when few outputs survive.
+# It is chosen when rows x (k-share + (1 - k-share) x survivor share) is at most this bound.
 ROW_BUDGET = 8.0
 # Where the row-wise kernel beats the dense layer itself ("fastest"), in the same units plus a
 # fixed cost per output (its test, its bookkeeping) of OUTPUT_COST weight elements. Measured on
@@ -68,7 +71,7 @@ def use(setting: str):
 
 
 def current() -> str:
-    """The kernel setting in force: ``"auto"``, ``"fast"`` or ``"reference"``."""
+    """The kernel setting in force, one of :data:`SETTINGS`."""
     setting = _state["setting"]
     if setting not in SETTINGS:
         raise InputError(f"EXPRUNE_KERNELS must be one of {SETTINGS} (got {setting!r})")
@@ -139,7 +142,7 @@ def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30)
     setting = current()
     if setting == "fast":
         return ROW
-    outputs, pruned = stats[1].item(), stats[2].item()
+    outputs, pruned = stats[INDEX["outputs"]].item(), stats[INDEX["pruned"]].item()
     survivors = 1.0 - pruned / outputs if outputs else 1.0
     reads = rows * (k_share + (1.0 - k_share) * survivors)
     if setting == "fastest":

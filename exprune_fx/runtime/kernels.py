@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast
-from .counters import FIELDS, INDEX, add
+from .counters import add
 
 STATS, THRESHOLD = 0, 1
 _CHUNK_ELEMENTS = 1 << 24  # bound on the per-term tensor of one matmul chunk (64 MiB of float32)
@@ -104,15 +104,16 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
     x2 = x.reshape(-1, big_k)
     m, n, kh = x2.shape[0], big_k // unit, k * unit
     ks = stage_ks(k, n, stages)
+    c = None if offset is None else _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     if fast.supported(x2, weight):
-        c = None if offset is None else _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
         out = fast.relu_linear(x2, weight, scale, c, unit, ks, test, critical, stats,
                                kernel=fast.choose(m, kh / big_k, stats, big_k))
         if out is not None:
             return out.reshape(lead + (n_out,))
+    if c is None:  # the reference kernel adds a 0-d zero
+        c = _flatten_offset(None, lead + (n_out,), m, n_out, x2)
     head, rest = weight[:, :kh], weight[:, kh:]
     s1, s2 = _term_sums(x2[:, :kh], head, k, unit, test)
-    c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     a = scale.to(x2.dtype)
     computed = [m * n_out * kh]
 
@@ -312,12 +313,9 @@ def _dense_call(z: torch.Tensor, scale: torch.Tensor, offset, stats, terms: int,
     planes.mul_(scale.view(1, -1, 1))
     if offset is not None:
         z.add_(offset.to(z.dtype))
-    outputs = planes.shape[0] if per_row else z.numel()
     macs = z.numel() * terms
-    values = {"calls": 1, "outputs": outputs, "dense": macs, "remainder": macs, "computed": macs}
-    stats.add_(torch.tensor([float(values.get(f, 0)) for f in FIELDS], dtype=stats.dtype).to(stats.device))
-    if count_negative:
-        stats[INDEX["negative"]] += (z < 0).sum()
+    add(stats, calls=1, outputs=planes.shape[0] if per_row else z.numel(), dense=macs, remainder=macs, computed=macs,
+        negative=(z < 0).sum() if count_negative else 0)
     return z
 
 
