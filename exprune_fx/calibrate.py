@@ -13,6 +13,10 @@ fewer evaluations than a black-box search (the reference ran 2000 Optuna trials 
    compiling the combined config and evaluating on all the calibration data; keep the first
    whose total drop, plus ``margin`` standard errors of it, stays within ``max_drop``.
 
+Sites with a provably non-negative input are also offered lossless exact mode, and their
+statistical settings are profiled and chosen in hybrid mode (``hybrid=True``: the same test,
+then exact early exit for the outputs it keeps).
+
 Evaluations are counted in full-data equivalents (a profile run on a quarter of the data
 counts 0.25). Whole-model settings of the compiled model (``zero_skip``) carry over to every
 trial. Calibrate on a validation split; report on a held-out split.
@@ -124,7 +128,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
               max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
               test: str = "stats", thresholds: Sequence[float] = (-0.02, -0.01, 0.0),
               profile_fraction: float = 0.25, margin: float = 1.0, seed: int = 0, stages: int = 1,
-              exact: bool = True, exact_k: int = 16, progress: bool = True) -> Calibration:
+              exact: bool = True, exact_k: int = 16, hybrid: bool = True, progress: bool = True) -> Calibration:
     """Calibrate ``compiled`` (from :func:`exprune_fx.compile`) on ``data``, an iterable of
     ``(inputs, labels)`` batches (or a callable returning one). ``metric(outputs, labels)``
     is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
@@ -138,7 +142,9 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     rewrite (a ReLU site with a provably non-negative input) its lossless setting,
     ``mode="exact"`` with check interval ``exact_k``: no metric drop, so the greedy
     allocation takes it wherever no statistical setting saves more within the budget.
-    See the module docstring."""
+    ``hybrid`` (single-stage tests only) runs the statistical settings of those same sites in
+    hybrid mode: the test at k, then exact early exit for the outputs it keeps (the same
+    accuracy, more saving; see :mod:`exprune_fx.config`). See the module docstring."""
     if not isinstance(compiled, CompiledModel) or getattr(compiled, "source_model", None) is None:
         raise InputError("calibrate() takes what exprune_fx.compile returned (it recompiles the source model)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop and math.isfinite(max_drop)):
@@ -175,9 +181,14 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     base = Config(k=min(ks), test=test, stages=stages, zero_skip=compiled.config.zero_skip,
                   **{grid.setting: grid.off})
     Config(k=exact_k)  # validates
-    candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, base, grid, progress)
-    if exact:
-        candidates += _profile_exact(build, evaluate, subset, dense_subset, dataclasses.replace(base, k=exact_k))
+    exact_variant = build(dataclasses.replace(base, k=exact_k, mode="exact")) if exact or hybrid else None
+    exact_sites = [r.name for r in exact_variant.rewritten_sites] if exact_variant is not None else []
+    profiled = base
+    if hybrid and stages == 1:  # the sites exact mode can rewrite test in hybrid mode
+        profiled = dataclasses.replace(base, sites={s: SiteConfig(mode="hybrid") for s in exact_sites})
+    candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, profiled, grid, progress)
+    if exact and exact_sites:
+        candidates += _profile_exact(exact_variant, evaluate, subset, dense_subset)
     config, steps = _allocate(build, evaluate, base, candidates, dense_batches, max_drop, margin, grid, progress)
 
     final = build(config)
@@ -222,19 +233,18 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
         drop = dense_subset - evaluate(variant, subset)
         saving = _site_saving(variant, site)
         variant.retune(site, **{grid.setting: grid.off})
-        candidates.append({"site": site, "k": k, grid.setting: value, "drop": drop, "saving": saving})
+        candidates.append({"site": site, "k": k, "mode": variant.config.for_site(site).mode, grid.setting: value,
+                           "drop": drop, "saving": saving})
     return candidates, oracle
 
 
-def _profile_exact(build, evaluate, subset, dense_subset, config: Config) -> list[dict]:
-    """One compile with every site in exact mode; each rewritten site's saving on the subset.
-    The drop is measured for the whole variant (zero up to float reassociation)."""
-    variant = build(dataclasses.replace(config, mode="exact"))
-    if not variant.rewritten_sites:
-        return []
+def _profile_exact(variant: CompiledModel, evaluate, subset, dense_subset) -> list[dict]:
+    """``variant`` has every site it could rewrite in exact mode; each one's saving on the
+    subset. The drop is measured for the whole variant (zero up to float reassociation)."""
     variant.reset_stats()
     drop = max(dense_subset - evaluate(variant, subset), 0.0)
-    return [{"site": r.name, "k": config.k, "mode": "exact", "drop": drop, "saving": _site_saving(variant, r.name)}
+    k = variant.config.k
+    return [{"site": r.name, "k": k, "mode": "exact", "drop": drop, "saving": _site_saving(variant, r.name)}
             for r in variant.rewritten_sites]
 
 
@@ -251,7 +261,7 @@ def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batch
     steps = []
     for site in tqdm(sorted(by_site, key=lambda s: -efficiency[s]), desc="allocating", disable=not progress):
         for c in sorted(by_site[site], key=lambda c: -c["saving"])[:3]:
-            settings = {"mode": "exact"} if c.get("mode") == "exact" else {grid.setting: c[grid.setting]}
+            settings = {"mode": c["mode"]} if c["mode"] == "exact" else {"mode": c["mode"], grid.setting: c[grid.setting]}
             trial = config.with_site(site, enabled=True, k=c["k"], **settings)
             compiled = build(trial)
             compiled.reset_stats()

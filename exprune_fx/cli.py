@@ -72,7 +72,7 @@ from .lifting import lift, normalize_inputs
 PROG = "exprune-fx"
 STAGES = ("lifted", "analyzed", "rewritten")
 STATS_FORMATS = ("text", "json")
-CONFIG_FLAGS = ("k", "test", "alpha", "threshold", "mode", "zero_skip")
+CONFIG_FLAGS = ("k", "test", "alpha", "threshold", "mode", "interval", "zero_skip")
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _SUFFIX_FORMATS = {".txt": "text", ".json": "json", ".dot": "dot", ".svg": "dot", ".png": "dot"}
 _SPEC_FORMS = "'package.module:callable' or 'path/to/file.py:callable'"
@@ -130,7 +130,8 @@ def _add_model_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def _add_config_arguments(command: argparse.ArgumentParser) -> None:
-    """--k, --test, --alpha, --threshold, --mode: the exprune_fx.Config to compile with."""
+    """--k, --test, --alpha, --threshold, --mode, --interval, --zero-skip: the exprune_fx.Config
+    to compile with."""
     group = command.add_argument_group("compile settings (exprune_fx.Config)")
     group.add_argument("--k", type=int, default=None, metavar="K",
                        help="terms computed before the early-exit test (default 32); sites "
@@ -144,7 +145,10 @@ def _add_config_arguments(command: argparse.ArgumentParser) -> None:
                        help="threshold of the threshold test (default 0.0; inf and -inf allowed)")
     group.add_argument("--mode", choices=MODES, default=None,
                        help="statistical (default): the tests above; exact: lossless early exit on "
-                            "non-negative inputs (sign-ordered terms, --k is the check interval)")
+                            "non-negative inputs (sign-ordered terms, --k is the check interval); hybrid: "
+                            "the test, then exact early exit for the outputs it keeps")
+    group.add_argument("--interval", type=int, default=None, metavar="I",
+                       help="check interval of hybrid mode's exact remainder (default 32)")
     group.add_argument("--zero-skip", action="store_true", default=None,
                        help="zero-skip propagation: linears fed by a ReLU sum only the weight rows of "
                             "their nonzero inputs where that pays (Config(zero_skip=True))")

@@ -15,9 +15,17 @@
   terms first, then its negative terms, most negative first, ``k`` at a time, and stops once
   the running sum is negative (it can only fall further, and the ReLU makes it 0). No test,
   no accuracy change, no exchangeability needed; ``test``, ``alpha``, ``threshold`` and
-  ``stages`` do not apply, ``k`` is the check interval.
+  ``stages`` do not apply, ``k`` is the check interval. Or ``"hybrid"``, both at once, at
+  the same ReLU sites (exchangeable and with a provably non-negative input): the statistical
+  test at ``k`` terms (``stages`` does not apply), then, for every output it did not prune,
+  the remaining terms sign-ordered as in exact mode, checked every ``interval`` terms. It
+  prunes exactly what the statistical test prunes (the same accuracy) and saves at least as
+  much: a kept output that turns out negative stops early instead of running to the end.
+* ``interval`` (default 32): the check interval of hybrid mode's exact remainder (every
+  check is counted, so a short interval pays more checks than it saves).
 * ``sites``: per-site overrides keyed by site name, each a :class:`SiteConfig` or a dict
-  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``, ``stages``, ``mode``.
+  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``, ``stages``, ``mode``,
+  ``interval``.
 * ``zero_skip`` (default False): zero-skip propagation (``passes/zero_skip.py``). After the
   ExPrune rewrite, every linear layer with a static weight whose input is a ReLU output
   (an ExPrune site's, or a plain ReLU's) sums only the weight rows of its nonzero inputs
@@ -49,7 +57,7 @@ from typing import Any, Mapping
 from .errors import InputError
 
 TESTS = ("stats", "threshold")
-MODES = ("statistical", "exact")
+MODES = ("statistical", "exact", "hybrid")
 
 
 def _check_mode(mode: Any, where: str) -> None:
@@ -77,6 +85,11 @@ def _check_stages(stages: Any, where: str) -> None:
         raise InputError(f"{where}.stages must be an integer in [1, 8] (got {stages!r})")
 
 
+def _check_interval(interval: Any, where: str) -> None:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise InputError(f"{where}.interval must be an integer >= 1 (got {interval!r})")
+
+
 def _check_test(test: Any, where: str) -> None:
     if test not in TESTS:
         raise InputError(f"{where}.test must be one of {TESTS} (got {test!r})")
@@ -93,9 +106,12 @@ class SiteConfig:
     threshold: float | None = None
     stages: int | None = None
     mode: str | None = None
+    interval: int | None = None
 
     def __post_init__(self):
         where = "SiteConfig"
+        if self.interval is not None:
+            _check_interval(self.interval, where)
         if self.mode is not None:
             _check_mode(self.mode, where)
         if self.enabled is not None and not isinstance(self.enabled, bool):
@@ -121,6 +137,7 @@ class ResolvedSiteConfig:
     threshold: float
     stages: int = 1
     mode: str = "statistical"
+    interval: int = 32
 
     @property
     def critical(self) -> float:
@@ -150,12 +167,14 @@ class Config:
     stages: int = 1
     mode: str = "statistical"
     zero_skip: bool = False
+    interval: int = 32
 
     def __post_init__(self):
         _check_k(self.k, "Config")
         if not isinstance(self.zero_skip, bool):
             raise InputError(f"Config.zero_skip must be True or False (got {self.zero_skip!r})")
         _check_mode(self.mode, "Config")
+        _check_interval(self.interval, "Config")
         _check_stages(self.stages, "Config")
         _check_test(self.test, "Config")
         _check_alpha(self.alpha, "Config")
@@ -179,7 +198,8 @@ class Config:
         pick = lambda v, d: d if v is None else v  # noqa: E731
         return ResolvedSiteConfig(pick(sc.enabled, True), pick(sc.k, self.k), pick(sc.test, self.test),
                                   pick(sc.alpha, self.alpha), pick(sc.threshold, self.threshold),
-                                  pick(sc.stages, self.stages), pick(sc.mode, self.mode))
+                                  pick(sc.stages, self.stages), pick(sc.mode, self.mode),
+                                  pick(sc.interval, self.interval))
 
     def with_site(self, name: str, **settings: Any) -> "Config":
         """A copy with ``settings`` overriding site ``name``."""

@@ -81,8 +81,10 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
     for index, site in enumerate(analysis.sites):
         cfg = config.for_site(site.name)
         exact = cfg.mode == "exact"
+        test = {"exact": "exact", "hybrid": f"{cfg.test}+exact"}.get(cfg.mode, cfg.test)
+        staged = site.decision == "relu" and cfg.mode == "statistical"
         base = dict(name=site.name, kind=site.kind, decision=site.decision, n=site.n, k=cfg.k,
-                    test="exact" if exact else cfg.test, stages=cfg.stages if site.decision == "relu" and not exact else 1)
+                    test=test, stages=cfg.stages if staged else 1)
         reason = _precheck(site, cfg)
         if reason is None:
             try:
@@ -104,6 +106,8 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
 def _precheck(site: Site, cfg: ResolvedSiteConfig) -> str | None:
     if cfg.mode == "exact":
         return site.exact_reason or (None if cfg.enabled else "disabled in the config")
+    if cfg.mode == "hybrid" and site.exact_reason:
+        return f"hybrid mode: {site.exact_reason}"
     if not site.eligible:
         return site.reason
     if not cfg.enabled:
@@ -353,6 +357,8 @@ def _static_operands(gm, node: Node, kind: str):
 def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     operands = _static_operands(gm, chain[0], site.kind)
     if operands is None:  # a product of two run-time values: the kernel takes the right operand transposed
+        if cfg.mode == "hybrid":
+            raise NotRewritable("hybrid mode needs a compile-time weight")
         return _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test)
     x, w_node, weight, bias = operands
     features, big_k = weight.shape
@@ -370,6 +376,9 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
+    if cfg.mode == "hybrid":
+        return _hybrid_call(builder, torch.ops.exprune.hybrid_relu_linear.default, x, weight, scale, offset,
+                            before * after, cfg, test, counters, ())
     if site.decision == "relu" and before * after == 1 and bool((weight == 0).any()):
         layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(linear_layout(weight, cfg.k, test))]
         return builder.call(torch.ops.exprune.sparse_relu_matmul.default, x, *layout, scale, offset, cfg.k, test,
@@ -437,6 +446,11 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, cout, 3, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
+    if cfg.mode == "hybrid":
+        if groups != 1:
+            raise NotRewritable("hybrid mode: grouped convolutions are not rewritten yet")
+        return _hybrid_call(builder, torch.ops.exprune.hybrid_relu_conv2d.default, x, weight, scale, offset,
+                            unit, cfg, test, counters, (stride, padding, dilation))
     if unit == 1 and groups == 1 and bool((weight.flatten(2) == 0).all(2).any()):  # zero channel windows
         layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(conv_layout(weight, cfg.k, test))]
         return builder.call(torch.ops.exprune.sparse_relu_conv2d.default, x, *layout, scale, offset, stride, padding,
@@ -444,6 +458,20 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, stride,
                         padding, dilation, groups, unit, cfg.k, test,
                         _critical(builder, cfg.critical), counters, cfg.stages)
+
+
+def _hybrid_call(builder, op, x, weight, scale, offset, unit, cfg, test, counters, geometry) -> Node:
+    """Hybrid mode (``runtime/hybrid.py``): the first k terms' weights as they are (the
+    test's), the rest folded with the epilogue's scale and split by sign at compile time."""
+    head, rest = weight[:, :cfg.k * unit], weight[:, cfg.k * unit:]
+    scale_vector = getattr(builder.gm, scale.target)
+    folded = rest.float() * scale_vector.reshape((-1,) + (1,) * (rest.dim() - 1))
+    positive, order, negative, count = sign_order(folded.reshape(weight.shape[0], -1))
+    nodes = [builder.buffer("head", head.contiguous()), scale, offset,
+             builder.buffer("positive", positive.reshape(rest.shape).to(weight.dtype)), builder.buffer("order", order),
+             builder.buffer("negative", negative.to(weight.dtype)), builder.buffer("count", count)]
+    return builder.call(op, x, *nodes, *geometry, unit, cfg.k, test, _critical(builder, cfg.critical), cfg.interval,
+                        counters)
 
 
 def _site_factors(lifted_node: Node) -> tuple:

@@ -28,7 +28,7 @@ def test_budget_is_respected_on_held_out_data(setup):
     model, val, test = setup
     compiled = exprune_fx.compile(model, val[0][0][:4])
     result = exprune_fx.calibrate(compiled, val, max_drop=0.005, ks=(16, 32), alphas=(0.01, 0.1, 0.3),
-                                  progress=False)
+                                  hybrid=False, progress=False)
     report = result.report
     assert report["metric_drop"] <= 0.005  # on the calibration split, by construction
     assert accuracy(model, test) - accuracy(result.compiled, test) <= 0.005 + 0.005  # held out: budget + noise
@@ -44,6 +44,7 @@ def test_zero_budget_and_determinism(setup):
     compiled = exprune_fx.compile(model, val[0][0][:4])
     first = exprune_fx.calibrate(compiled, val[:4], max_drop=0.0, ks=(16,), alphas=(0.05, 0.2), progress=False)
     again = exprune_fx.calibrate(compiled, lambda: val[:4], max_drop=0.0, ks=(16,), alphas=(0.05, 0.2), progress=False)
+    assert first.config.for_site("linear_1").mode in ("exact", "hybrid")
     assert first.config == again.config
     assert first.report["metric_drop"] <= 0.0
 
@@ -103,14 +104,38 @@ def test_zero_budget_takes_the_lossless_exact_mode(setup):
     predictions are unchanged and work is still saved."""
     model, val, test = setup
     compiled = exprune_fx.compile(model, val[0][0][:4])
-    result = exprune_fx.calibrate(compiled, val, max_drop=0.0, ks=(16,), alphas=(0.2,), exact_k=8, progress=False)
+    result = exprune_fx.calibrate(compiled, val, max_drop=0.0, ks=(16,), alphas=(0.2,), exact_k=8, hybrid=False,
+                                  progress=False)
     assert result.config.for_site("linear_1").mode == "exact"
     assert result.report["reduction"] > 0
     with torch.no_grad():
         for x, _ in test:
             assert torch.equal(result.compiled(x).argmax(1), model(x).argmax(1))
-    without = exprune_fx.calibrate(compiled, val, max_drop=0.0, ks=(16,), alphas=(0.2,), exact=False, progress=False)
+    without = exprune_fx.calibrate(compiled, val, max_drop=0.0, ks=(16,), alphas=(0.2,), exact=False, hybrid=False,
+                                   progress=False)
     assert without.config.for_site("linear_1").mode == "statistical"
+
+
+def test_sites_that_admit_exact_mode_test_in_hybrid_mode(setup):
+    """Where exact mode applies, the statistical settings are profiled and chosen in hybrid
+    mode (the test, then exact early exit): the same predictions as the statistical setting
+    it stands for, and at least its saving. hybrid=False profiles them statistically."""
+    model, val, test = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4])
+    kwargs = dict(max_drop=0.01, ks=(16,), alphas=(0.05,), exact=False, progress=False)
+    result = exprune_fx.calibrate(compiled, val[:4], **kwargs)
+    plain = exprune_fx.calibrate(compiled, val[:4], hybrid=False, **kwargs)
+    chosen = result.config.for_site("linear_1")
+    assert chosen.enabled and chosen.mode == "hybrid"
+    assert all(step["mode"] == "hybrid" for step in result.report["steps"] if step["site"] == "linear_1")
+    assert result.report["metric_drop"] <= 0.01
+    assert plain.config.for_site("linear_1").mode == "statistical"
+    as_statistical = exprune_fx.compile(model, val[0][0][:4], result.config.with_site("linear_1", mode="statistical"))
+    with torch.no_grad():
+        for x, _ in test:
+            assert torch.equal(result.compiled(x).argmax(1), as_statistical(x).argmax(1))
+    hybrid_sites, statistical_sites = result.compiled.exprune_stats()["sites"], as_statistical.exprune_stats()["sites"]
+    assert hybrid_sites["linear_1"]["pruned"] > statistical_sites["linear_1"]["pruned"]
 
 
 def test_calibration_keeps_zero_skip(setup):

@@ -257,6 +257,15 @@ def test_stats_exact_mode_flag(capsys):
     assert status == 2 and "--mode" in err
 
 
+def test_stats_hybrid_mode_and_interval_flags(capsys):
+    status, out, err = run_cli(capsys, "stats", MLP, "--mode", "hybrid", "--k", "8", "--interval", "16")
+    assert status == 0 and err == ""
+    assert re.search(r"^linear_1 +linear +relu +256 +8 +\d+\.\d% +rewritten$", out, re.M)
+    assert re.search(r"^linear +linear +relu +- +- +- +dense: hybrid mode: exact mode needs a non-negative", out, re.M)
+    status, out, err = run_cli(capsys, "stats", MLP, "--mode", "hybrid", "--interval", "0")
+    assert status == 2 and "--interval must be an integer >= 1" in err
+
+
 def test_stats_zero_skip_flag(capsys):
     status, out, err = run_cli(capsys, "stats", MLP, "--zero-skip", "--batches", "1")
     assert status == 0 and err == ""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import exact, kernels, sparse
+from . import exact, hybrid, kernels, sparse
 
 _LIB = torch.library.Library("exprune", "DEF")
 
@@ -75,6 +75,17 @@ _op("exact_relu_conv2d(Tensor x, Tensor positive, Tensor order, Tensor negative,
     exact.exact_relu_conv2d,
     lambda x, positive, order, negative, count, offset, stride, padding, dilation, *rest, **kw:
     F.conv2d(x, positive, None, stride, padding, dilation))
+
+_op("hybrid_relu_linear(Tensor x, Tensor head, Tensor scale, Tensor? offset, Tensor positive, Tensor order, "
+    "Tensor negative, Tensor count, int unit, int k, int test, Tensor critical, int interval, Tensor(a!) stats) -> Tensor",
+    hybrid.hybrid_relu_linear, lambda x, head, *rest, **kw: _rows_by(x, head.shape[0]))
+
+_op("hybrid_relu_conv2d(Tensor x, Tensor head, Tensor scale, Tensor? offset, Tensor positive, Tensor order, "
+    "Tensor negative, Tensor count, int[] stride, int[] padding, int[] dilation, int unit, int k, int test, "
+    "Tensor critical, int interval, Tensor(a!) stats) -> Tensor",
+    hybrid.hybrid_relu_conv2d,
+    lambda x, head, scale, offset, positive, order, negative, count, stride, padding, dilation, *rest, **kw:
+    F.conv2d(x, torch.cat([head, positive], 1), None, stride, padding, dilation))
 
 _op("sparse_relu_matmul(Tensor x, Tensor first, Tensor first_w, Tensor rest, Tensor rest_w, Tensor nonzero, "
     "Tensor tested, Tensor scale, Tensor? offset, int k, int test, Tensor critical, Tensor(a!) stats) -> Tensor",
