@@ -184,8 +184,10 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     exact_variant = build(dataclasses.replace(base, k=exact_k, mode="exact")) if exact or hybrid else None
     exact_sites = [r.name for r in exact_variant.rewritten_sites] if exact_variant is not None else []
     profiled = base
-    if hybrid and stages == 1:  # the sites exact mode can rewrite test in hybrid mode
-        profiled = dataclasses.replace(base, sites={s: SiteConfig(mode="hybrid") for s in exact_sites})
+    if hybrid and stages == 1 and exact_sites:  # the sites exact mode can rewrite test in hybrid mode, where it can
+        probe = build(dataclasses.replace(base, sites={s: SiteConfig(mode="hybrid") for s in exact_sites}))
+        profiled = dataclasses.replace(base, sites={r.name: SiteConfig(mode="hybrid") for r in probe.rewritten_sites
+                                                    if r.name in exact_sites})
     candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, profiled, grid, progress)
     if exact and exact_sites:
         candidates += _profile_exact(exact_variant, evaluate, subset, dense_subset)

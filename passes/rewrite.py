@@ -376,10 +376,13 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
+    sparse = site.decision == "relu" and before * after == 1 and bool((weight == 0).any())
     if cfg.mode == "hybrid":
+        if sparse:
+            raise NotRewritable(_HYBRID_SPARSE)
         return _hybrid_call(builder, torch.ops.exprune.hybrid_relu_linear.default, x, weight, scale, offset,
                             before * after, cfg, test, counters, ())
-    if site.decision == "relu" and before * after == 1 and bool((weight == 0).any()):
+    if sparse:
         layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(linear_layout(weight, cfg.k, test))]
         return builder.call(torch.ops.exprune.sparse_relu_matmul.default, x, *layout, scale, offset, cfg.k, test,
                             _critical(builder, cfg.critical), counters)
@@ -446,18 +449,25 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, cout, 3, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
+    sparse = unit == 1 and groups == 1 and bool((weight.flatten(2) == 0).all(2).any())  # zero channel windows
     if cfg.mode == "hybrid":
         if groups != 1:
             raise NotRewritable("hybrid mode: grouped convolutions are not rewritten yet")
+        if sparse:
+            raise NotRewritable(_HYBRID_SPARSE)
         return _hybrid_call(builder, torch.ops.exprune.hybrid_relu_conv2d.default, x, weight, scale, offset,
                             unit, cfg, test, counters, (stride, padding, dilation))
-    if unit == 1 and groups == 1 and bool((weight.flatten(2) == 0).all(2).any()):  # zero channel windows
+    if sparse:
         layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(conv_layout(weight, cfg.k, test))]
         return builder.call(torch.ops.exprune.sparse_relu_conv2d.default, x, *layout, scale, offset, stride, padding,
                             dilation, cfg.k, test, _critical(builder, cfg.critical), counters)
     return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, stride,
                         padding, dilation, groups, unit, cfg.k, test,
                         _critical(builder, cfg.critical), counters, cfg.stages)
+
+
+_HYBRID_SPARSE = ("hybrid mode: a weight with pruned (zero) terms takes the sparse kernel, which samples "
+                  "nonzero terms only; use statistical or exact mode for this site")
 
 
 def _hybrid_call(builder, op, x, weight, scale, offset, unit, cfg, test, counters, geometry) -> Node:

@@ -191,3 +191,22 @@ def test_hybrid_config_is_validated_saved_and_retunable(tmp_path):
     loaded = exprune_fx.load(tmp_path / "m", model)
     assert loaded.config.mode == "hybrid" and loaded.config.interval == 5
     torch.testing.assert_close(run(loaded, x), run(compiled, x))
+
+
+def test_pruned_weights_keep_the_sparse_kernel_and_calibration_falls_back():
+    """A site whose weight has pruned (zero) terms is not rewritten in hybrid mode (the sparse
+    kernel samples nonzero terms only), with a reason; calibrate() then profiles it in
+    statistical mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    with torch.no_grad():
+        model[2].weight[:, ::3] = 0
+    x = torch.randn(256, 8)
+    compiled = compile_quietly(model, x[:4], Config(k=8, mode="hybrid"))
+    report = next(r for r in compiled.sites if r.name == "linear_1")
+    assert not report.rewritten and "sparse kernel" in report.reason
+    data = [(x[i:i + 64], model(x[i:i + 64]).argmax(1)) for i in range(0, 256, 64)]
+    result = exprune_fx.calibrate(exprune_fx.compile(model, x[:4]), data, max_drop=1.0, ks=(8,), test="threshold",
+                                  thresholds=(1.0,), exact=False, progress=False)
+    assert all(s["mode"] == "statistical" for s in result.report["steps"] if s["site"] == "linear_1")
+    assert any(s["site"] == "linear_1" for s in result.report["steps"])
