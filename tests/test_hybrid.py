@@ -1,7 +1,6 @@
 """Hybrid mode: the statistical test at k terms, then exact early exit on the remainder."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -11,23 +10,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import exprune_fx
-from exprune_fx import Config, ExPruneWarning, InputError
+from exprune_fx import Config, InputError
 from exprune_fx.runtime.counters import new_counters, read
 from exprune_fx.runtime.exact import sign_order
 from exprune_fx.runtime.hybrid import hybrid_relu_conv2d, hybrid_relu_linear
 from exprune_fx.runtime.kernels import STATS, THRESHOLD, relu_conv2d, relu_linear
 from exprune_fx.zoo import residual_cnn
-
-
-def run(model, x):
-    with torch.no_grad():
-        return model(x)
-
-
-def compile_quietly(model, x, config):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExPruneWarning)
-        return exprune_fx.compile(model, x, config)
+from test_exact import compile_quietly, run
 
 
 def reference_counts(x, w, a, c, unit: int, k: int, threshold: float, interval: int) -> dict:
