@@ -13,6 +13,7 @@ Writes ``calibration.json``, ``calibration.md`` and PNG plots (metric-vs-FLOPs p
 per-site prune rates).
 
     python benchmarks/calibration.py --out bench-out [--models resnet gcn opt_lm] [--val 1000]
+        [--tests stats threshold] [--budgets negligible 1%]
 
 Paper (ExPrune v2) for comparison: 10.98-17.33% FLOPs reduction at negligible drop,
 21.61-27.16% at <= 1% drop.
@@ -62,7 +63,7 @@ def evaluate(model, data, metric) -> float:
     return total / weight
 
 
-def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH) -> list[dict]:
+def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH, budgets: dict = BUDGETS) -> list[dict]:
     dense = evaluate(task.model, task.test, task.metric)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -72,7 +73,7 @@ def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH) -> li
     compiled = exprune_fx.compile(task.model, task.example, outputs=task.outputs)
     rows = []
     for test_kind, grid in search.items():
-        for label, budget in BUDGETS.items():
+        for label, budget in budgets.items():
             result = exprune_fx.calibrate(compiled, task.val, task.metric, max_drop=budget, ks=ks, exact_k=32,
                                           progress=progress, **grid)
             final = result.compiled
@@ -127,7 +128,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-        best = max((r for r in mine if r["test"] == "stats"), key=lambda r: r["max_drop"])
+        best = max(mine, key=lambda r: (r["test"] == "stats", r["max_drop"]))  # stats rows if run
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.bar(list(best["sites"]), list(best["sites"].values()), color="tab:blue")
         ax.set_ylabel("prune rate (exact sites: stopped early)", fontsize=8)
@@ -149,13 +150,15 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--test", type=int, default=10000, help="test items used to report")
     parser.add_argument("--ks", type=int, nargs="*", default=[8, 16])
     parser.add_argument("--tests", nargs="*", default=list(SEARCH), choices=list(SEARCH))
+    short = {label.split()[0]: label for label in BUDGETS}  # "negligible", "1%"
+    parser.add_argument("--budgets", nargs="*", default=list(short), choices=list(short))
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     start = time.time()
     rows = []
     for name in args.models:
         rows += run_model(tasks.build(name, args.val, args.test), tuple(args.ks), not args.quiet,
-                          {t: SEARCH[t] for t in args.tests})
+                          {t: SEARCH[t] for t in args.tests}, {short[b]: BUDGETS[short[b]] for b in args.budgets})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(rows, indent=2))
     table = to_markdown(rows)

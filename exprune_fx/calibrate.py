@@ -7,11 +7,13 @@ fewer evaluations than a black-box search (the reference ran 2000 Optuna trials 
    nothing pruned (which also measures the oracle bound: what a perfect sign predictor at
    that k would save); then for every site and every alpha in ``alphas``, retune that one site
    in place (no recompile) and evaluate on a seeded subset of the calibration data
-   (``profile_fraction``), recording the metric drop and the site's FLOPs saving.
-2. **Allocate** (greedy): visit sites from the most to the least efficient (saving per unit of
-   drop); for each, try its profiled settings from the largest saving down, each time
-   compiling the combined config and evaluating on all the calibration data; keep the first
-   whose total drop, plus ``margin`` standard errors of it, stays within ``max_drop``.
+   (``profile_fraction``), recording the metric drop and the site's FLOPs saving. A site's
+   settings run from the least to the most aggressive and stop at the first over budget.
+2. **Allocate** (knapsack greedy, verified): per site, keep the upper convex hull of its
+   (drop, saving) points; merge the hull segments of all sites by decreasing saving per unit
+   of drop (:func:`upgrade_path`). Bisect that path for the longest prefix whose total drop on
+   all the calibration data, plus ``margin`` standard errors of it, stays within ``max_drop``;
+   then try the upgrades after it one at a time.
 
 Sites with a provably non-negative input are also offered lossless exact mode, and their
 statistical settings are profiled and chosen in hybrid mode (``hybrid=True``: the same test,
@@ -35,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -140,7 +143,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     ``stages > 1`` calibrates the sequential test (ReLU sites test at k, then the outputs
     left undecided at 2k, 4k, ...). ``exact`` also offers every site that exact mode can
     rewrite (a ReLU site with a provably non-negative input) its lossless setting,
-    ``mode="exact"`` with check interval ``exact_k``: no metric drop, so the greedy
+    ``mode="exact"`` with check interval ``exact_k``: no metric drop, so the
     allocation takes it wherever no statistical setting saves more within the budget.
     ``hybrid`` (single-stage tests only) runs the statistical settings of those same sites in
     hybrid mode: the test at k, then exact early exit for the outputs it keeps (the same
@@ -176,7 +179,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
             return prepared.compile(cfg)
 
     dense_full, dense_batches = evaluate.per_batch(source)
-    dense_subset = evaluate(source, subset)
+    dense_subset = evaluate.per_batch(source, subset)[1]
     # whole-model settings of the compiled model (zero-skip) carry over to every trial
     base = Config(k=min(ks), test=test, stages=stages, zero_skip=compiled.config.zero_skip,
                   **{grid.setting: grid.off})
@@ -188,7 +191,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
         probe = build(dataclasses.replace(base, sites={s: SiteConfig(mode="hybrid") for s in exact_sites}))
         profiled = dataclasses.replace(base, sites={r.name: SiteConfig(mode="hybrid") for r in probe.rewritten_sites
                                                     if r.name in exact_sites})
-    candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, profiled, grid, progress)
+    candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, profiled, grid, max_drop, progress)
     if exact and exact_sites:
         candidates += _profile_exact(exact_variant, evaluate, subset, dense_subset)
     config, steps = _allocate(build, evaluate, base, candidates, dense_batches, max_drop, margin, grid, progress)
@@ -218,9 +221,17 @@ class _Grid:
     values: tuple[float, ...]
     off: float  # the value that prunes nothing
 
+    @staticmethod
+    def aggressiveness(value: float) -> float:
+        """A larger alpha or threshold prunes more."""
+        return value
 
-def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Grid, progress):
-    """One compile per k; per site and setting, one retuned evaluation on the subset.
+
+def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Grid, max_drop, progress):
+    """One compile per k; per site and setting, one retuned evaluation on the subset. A
+    site's settings run from the least to the most aggressive and stop after the first whose
+    drop exceeds ``max_drop`` (a more aggressive one would not be admissible either).
+    ``dense_subset``: the dense model's (rows, metric) per batch.
     Also the oracle bound per k (a perfect sign predictor on every site, on the subset)."""
     candidates, oracle = [], {}
     variants = [(k, build(dataclasses.replace(base, k=k))) for k in ks]
@@ -228,15 +239,24 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
         variant.reset_stats()
         evaluate(variant, subset)
         oracle[k] = variant.exprune_stats()["oracle_reduction"]
-    jobs = [(k, v, r.name, value) for k, v in variants for r in v.rewritten_sites for value in grid.values]
-    for k, variant, site, value in tqdm(jobs, desc="profiling sites", disable=not progress):
-        variant.retune(site, **{grid.setting: value})
-        variant.reset_stats()
-        drop = dense_subset - evaluate(variant, subset)
-        saving = _site_saving(variant, site)
-        variant.retune(site, **{grid.setting: grid.off})
-        candidates.append({"site": site, "k": k, "mode": variant.config.for_site(site).mode, grid.setting: value,
-                           "drop": drop, "saving": saving})
+    values = sorted(grid.values, key=grid.aggressiveness)
+    bar = tqdm(total=sum(len(v.rewritten_sites) for _, v in variants) * len(values), desc="profiling sites",
+               disable=not progress)
+    for k, variant in variants:
+        for site in (r.name for r in variant.rewritten_sites):
+            for i, value in enumerate(values):
+                variant.retune(site, **{grid.setting: value})
+                variant.reset_stats()
+                drop, se = paired_drop(dense_subset, evaluate.per_batch(variant, subset)[1])
+                candidates.append({"site": site, "k": k, "mode": variant.config.for_site(site).mode,
+                                   grid.setting: value, "drop": drop, "drop_se": se,
+                                   "saving": _site_saving(variant, site)})
+                bar.update(1)
+                if drop > max_drop:
+                    bar.update(len(values) - i - 1)
+                    break
+            variant.retune(site, **{grid.setting: grid.off})
+    bar.close()
     return candidates, oracle
 
 
@@ -244,36 +264,133 @@ def _profile_exact(variant: CompiledModel, evaluate, subset, dense_subset) -> li
     """``variant`` has every site it could rewrite in exact mode; each one's saving on the
     subset. The drop is measured for the whole variant (zero up to float reassociation)."""
     variant.reset_stats()
-    drop = max(dense_subset - evaluate(variant, subset), 0.0)
+    drop, se = paired_drop(dense_subset, evaluate.per_batch(variant, subset)[1])
     k = variant.config.k
-    return [{"site": r.name, "k": k, "mode": "exact", "drop": drop, "saving": _site_saving(variant, r.name)}
+    return [{"site": r.name, "k": k, "mode": "exact", "drop": max(drop, 0.0), "drop_se": se,
+             "saving": _site_saving(variant, r.name)}
             for r in variant.rewritten_sites]
+
+
+def upgrade_path(candidates: list[dict], max_drop: float, start: dict[str, float] | None = None) -> list[dict]:
+    """The order in which to switch sites to more saving settings: per site, the upper convex
+    hull of its candidates' (drop, saving) points (drops below zero counted as zero; drops over
+    ``max_drop`` left out), starting from (0, ``start[site]``): the saving of the setting the
+    site starts from (0: disabled); the hull segments of all sites merged by decreasing slope
+    (saving per unit of drop). This is the greedy order of the multiple-choice knapsack
+    relaxation: a prefix of the path is the best allocation its summed drop buys, if drops add
+    up.
+
+    >>> c = [{"site": "a", "drop": 0.0, "saving": 0.1}, {"site": "a", "drop": 0.02, "saving": 0.3},
+    ...      {"site": "b", "drop": 0.01, "saving": 0.4}, {"site": "b", "drop": 0.05, "saving": 0.41}]
+    >>> [(u["site"], u["saving"]) for u in upgrade_path(c, max_drop=0.03)]
+    [('a', 0.1), ('b', 0.4), ('a', 0.3)]
+    >>> [(u["site"], u["saving"]) for u in upgrade_path(c, max_drop=0.03, start={"b": 0.4})]
+    [('a', 0.1), ('a', 0.3)]
+    """
+    start = start or {}
+    by_site: dict[str, list[tuple[float, float, dict]]] = {}
+    for c in _admissible(candidates, max_drop, start):
+        by_site.setdefault(c["site"], []).append((max(c["drop"], 0.0), c["saving"], c))
+    segments = []
+    for order, (site, points) in enumerate(by_site.items()):
+        hull: list[tuple[float, float, dict | None]] = [(0.0, start.get(site, 0.0), None)]
+        for point in sorted(points, key=lambda p: (p[0], -p[1])):
+            if point[1] <= hull[-1][1]:
+                continue  # dominated: no more saving for at least as much drop
+            while len(hull) >= 2 and _slope(hull[-2], hull[-1]) <= _slope(hull[-1], point):
+                hull.pop()  # under the chord: never the best use of its drop
+            hull.append(point)
+        segments += [(-_slope(a, b), order, i, b[2]) for i, (a, b) in enumerate(zip(hull, hull[1:]))]
+    return [c for *_, c in sorted(segments, key=lambda s: s[:3])]
+
+
+def _admissible(candidates: list[dict], max_drop: float, start: dict[str, float]) -> list[dict]:
+    """The candidates worth trying: more saving than the site's start, a drop within ``max_drop``."""
+    return [c for c in candidates if c["saving"] > start.get(c["site"], 0.0) and c["drop"] <= max_drop]
+
+
+def _slope(a: tuple, b: tuple) -> float:
+    return (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else math.inf
 
 
 def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batches: list, max_drop: float,
               margin: float, grid: _Grid, progress) -> tuple[Config, list[dict]]:
-    """Greedy allocation over sites, verified on all the data at every step."""
-    by_site: dict[str, list[dict]] = {}
+    """Verified on all the data: start from every site disabled, or in its lossless exact
+    setting where it has one (if that verifies); bisect the :func:`upgrade_path` for its
+    longest prefix within the budget; then try the upgrades after it one at a time, at most
+    one try per site. A site whose upgrade fails gets no larger setting, but it does get a try
+    of its most saving admissible setting below the failed one (the profile's drops are noisy)."""
+    sites = {c["site"] for c in candidates}
+    steps: list[dict] = []
+    bar = tqdm(total=2 * len(sites) + 1, desc="allocating", disable=not progress)
+
+    def apply(config: Config, c: dict) -> Config:
+        settings = {"mode": c["mode"]} if c["mode"] == "exact" else {"mode": c["mode"], grid.setting: c[grid.setting]}
+        return config.with_site(c["site"], enabled=True, k=c["k"], **settings)
+
+    def verify(config: Config, last: dict, phase: str) -> bool:
+        compiled = build(config)
+        compiled.reset_stats()
+        value, trial_batches = evaluate.per_batch(compiled)
+        drop, se = paired_drop(dense_batches, trial_batches)
+        accepted = drop + margin * se <= max_drop
+        settings = {k: last[k] for k in ("mode", grid.setting) if k in last}
+        steps.append({"site": last["site"], "k": last["k"], **settings, "phase": phase, "metric": value,
+                      "drop": drop, "drop_se": se, "reduction": compiled.exprune_stats()["reduction"],
+                      "accepted": accepted})
+        bar.update(1)
+        return accepted
+
+    start = dataclasses.replace(base, sites={s: SiteConfig(enabled=False) for s in sites})
+    lossless: dict[str, dict] = {}
     for c in candidates:
-        if c["saving"] > 0 and c["drop"] <= max_drop:
-            by_site.setdefault(c["site"], []).append(c)
-    efficiency = {s: max(c["saving"] / max(c["drop"], 1e-4) for c in cs) for s, cs in by_site.items()}
-    disabled = {c["site"] for c in candidates}
-    config = dataclasses.replace(base, sites={s: SiteConfig(enabled=False) for s in disabled})
-    steps = []
-    for site in tqdm(sorted(by_site, key=lambda s: -efficiency[s]), desc="allocating", disable=not progress):
-        for c in sorted(by_site[site], key=lambda c: -c["saving"])[:3]:
-            settings = {"mode": c["mode"]} if c["mode"] == "exact" else {"mode": c["mode"], grid.setting: c[grid.setting]}
-            trial = config.with_site(site, enabled=True, k=c["k"], **settings)
-            compiled = build(trial)
-            compiled.reset_stats()
-            value, trial_batches = evaluate.per_batch(compiled)
-            stats = compiled.exprune_stats()
-            drop, se = paired_drop(dense_batches, trial_batches)
-            accepted = drop + margin * se <= max_drop
-            steps.append({"site": site, "k": c["k"], **settings, "metric": value,
-                          "drop": drop, "drop_se": se, "reduction": stats["reduction"], "accepted": accepted})
-            if accepted:
-                config = trial
-                break
+        if c["mode"] == "exact" and c["saving"] > lossless.get(c["site"], {"saving": 0.0})["saving"]:
+            lossless[c["site"]] = c
+    if lossless:
+        trial = start
+        for c in lossless.values():
+            trial = apply(trial, c)
+        if verify(trial, c, "start: every exact-capable site in exact mode"):
+            start = trial
+        else:
+            lossless = {}
+    saving = {s: c["saving"] for s, c in lossless.items()}  # each site's current setting
+    path = upgrade_path(candidates, max_drop, saving)
+    admissible = {id(c) for c in _admissible(candidates, max_drop, saving)}
+
+    def prefix(n: int) -> Config:
+        config = start
+        for c in path[:n]:
+            config = apply(config, c)
+        return config
+
+    good, bad = 0, len(path) + 1  # the longest verified prefix; the shortest failed one
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if verify(prefix(mid), path[mid - 1], f"bisect: first {mid} of {len(path)} upgrades"):
+            good = mid
+        else:
+            bad = mid
+    config = prefix(good)
+    saving.update({c["site"]: c["saving"] for c in path[:good]})
+    ceiling: dict[str, float] = {}  # a site's failed saving: only settings below it are tried
+    queue, tries = collections.deque(path[good:]), 0
+    while queue and tries < len(sites):
+        c = queue.popleft()
+        site = c["site"]
+        if c["saving"] >= ceiling.get(site, math.inf):
+            continue
+        known_failed = good < len(path) and c is path[good]  # the bisection's first failure
+        if not known_failed:
+            tries += 1
+            trial = apply(config, c)
+            if verify(trial, c, "one at a time"):
+                config, saving[site] = trial, c["saving"]
+                continue
+        ceiling[site] = c["saving"]
+        below = [o for o in candidates if o["site"] == site and id(o) in admissible
+                 and saving.get(site, 0.0) < o["saving"] < c["saving"]]
+        if below:
+            queue.appendleft(max(below, key=lambda o: o["saving"]))
+    bar.close()
     return config, steps

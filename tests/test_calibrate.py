@@ -5,6 +5,7 @@ import torch
 
 import exprune_fx
 from exprune_fx import InputError
+from exprune_fx.calibrate import upgrade_path
 from trained import trained_mlp
 
 
@@ -33,7 +34,8 @@ def test_budget_is_respected_on_held_out_data(setup):
     assert report["metric_drop"] <= 0.005  # on the calibration split, by construction
     assert accuracy(model, test) - accuracy(result.compiled, test) <= 0.005 + 0.005  # held out: budget + noise
     assert report["reduction"] > 0.0 and report["evaluations"] <= 100
-    assert report["steps"] and all({"site", "k", "alpha", "metric", "reduction"} <= set(s) for s in report["steps"])
+    assert report["steps"] and all({"site", "k", "metric", "reduction", "phase"} <= set(s) for s in report["steps"])
+    assert all("alpha" in s for s in report["steps"] if s["mode"] != "exact")
     assert report["oracle_reduction"] > 0
     chosen = result.config.for_site("linear_1")
     assert chosen.enabled and chosen.k in (16, 32)
@@ -55,7 +57,7 @@ def test_threshold_search(setup):
     result = exprune_fx.calibrate(compiled, val[:4], max_drop=0.01, ks=(32,), test="threshold",
                                   thresholds=(-0.05, 0.0), progress=False)
     assert result.report["metric_drop"] <= 0.01
-    assert all(step["k"] == 32 and "threshold" in step for step in result.report["steps"])
+    assert all(step["k"] == 32 and "threshold" in step for step in result.report["steps"] if step["mode"] != "exact")
     assert result.config.test == "threshold"
 
 
@@ -96,6 +98,18 @@ def test_paired_drop_standard_error():
     assert paired_drop(dense, [(100, 0.9)] * 4) == (0.0, 0.0)
     mean, se = paired_drop(dense, [(100, 0.92), (100, 0.88), (100, 0.92), (100, 0.88)])
     assert mean == pytest.approx(0.0) and se > 0.01  # cancelling flips are not a free pass
+
+
+def test_upgrade_path_follows_each_sites_convex_hull():
+    """Dominated points, points under a chord and drops over budget are left out; a negative
+    drop counts as zero; segments of all sites merge by saving per unit of drop."""
+    c = [{"site": "a", "drop": 0.0, "saving": 1.0}, {"site": "a", "drop": 0.01, "saving": 1.1},
+         {"site": "a", "drop": 0.02, "saving": 3.0}, {"site": "a", "drop": 0.03, "saving": 2.0},
+         {"site": "a", "drop": 0.5, "saving": 9.0}, {"site": "b", "drop": -0.01, "saving": 0.5},
+         {"site": "b", "drop": 0.05, "saving": 2.0}]
+    path = upgrade_path(c, max_drop=0.1)
+    assert [(u["site"], u["saving"]) for u in path] == [("a", 1.0), ("b", 0.5), ("a", 3.0), ("b", 2.0)]
+    assert [u["saving"] for u in upgrade_path(c, max_drop=0.1, start={"a": 3.0})] == [0.5, 2.0]
 
 
 def test_zero_budget_takes_the_lossless_exact_mode(setup):
