@@ -5,7 +5,7 @@ import torch
 
 import exprune_fx
 from exprune_fx import InputError
-from exprune_fx.calibrate import upgrade_path
+from exprune_fx.calibrate import _allocate, _Grid, upgrade_path
 from trained import trained_mlp
 
 
@@ -110,6 +110,38 @@ def test_upgrade_path_follows_each_sites_convex_hull():
     path = upgrade_path(c, max_drop=0.1)
     assert [(u["site"], u["saving"]) for u in path] == [("a", 1.0), ("b", 0.5), ("a", 3.0), ("b", 2.0)]
     assert [u["saving"] for u in upgrade_path(c, max_drop=0.1, start={"a": 3.0})] == [0.5, 2.0]
+
+
+class _Additive:
+    """A stand-in model for _allocate: its metric drop is the sum of each enabled site's true
+    drop (which the profile misjudged), measured on four equal batches."""
+
+    def __init__(self, config, true_drop):
+        self.drop = sum(true_drop[(name, sc.alpha)] for name, sc in config.sites.items() if sc.enabled)
+
+    def reset_stats(self):
+        pass
+
+    def exprune_stats(self):
+        return {"reduction": 0.0}
+
+
+def test_allocation_falls_back_when_a_profiled_setting_fails_verification():
+    true_drop = {("a", 0.05): 0.002, ("a", 0.2): 0.03, ("b", 0.05): 0.004, ("b", 0.2): 0.006}
+    profiled = [{"site": s, "k": 16, "mode": "statistical", "alpha": a, "drop": d, "saving": saving}
+                for (s, a, d, saving) in [("a", 0.05, 0.001, 1.0), ("a", 0.2, 0.002, 3.0),  # a at 0.2 looked safe
+                                          ("b", 0.05, 0.003, 1.0), ("b", 0.2, 0.004, 1.5)]]
+
+    class Evaluate:
+        def per_batch(self, model):
+            return 0.9 - model.drop, [(100, 0.9 - model.drop)] * 4
+
+    config, steps = _allocate(lambda cfg: _Additive(cfg, true_drop), Evaluate(), exprune_fx.Config(k=16),
+                              profiled, [(100, 0.9)] * 4, 0.01, 1.0, _Grid("alpha", (0.05, 0.2), 0.0), False)
+    chosen = {name: sc.alpha for name, sc in config.sites.items() if sc.enabled}
+    assert chosen == {"a": 0.05, "b": 0.2}  # a's larger setting failed; its smaller one fits beside b's
+    assert sum(true_drop[item] for item in chosen.items()) <= 0.01
+    assert any(not step["accepted"] and step["site"] == "a" and step["alpha"] == 0.2 for step in steps)
 
 
 def test_zero_budget_takes_the_lossless_exact_mode(setup):
