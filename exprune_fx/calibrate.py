@@ -179,7 +179,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
             return prepared.compile(cfg)
 
     dense_full, dense_batches = evaluate.per_batch(source)
-    dense_subset = evaluate.per_batch(source, subset)[1]
+    dense_subset = evaluate(source, subset)
     # whole-model settings of the compiled model (zero-skip) carry over to every trial
     base = Config(k=min(ks), test=test, stages=stages, zero_skip=compiled.config.zero_skip,
                   **{grid.setting: grid.off})
@@ -221,17 +221,11 @@ class _Grid:
     values: tuple[float, ...]
     off: float  # the value that prunes nothing
 
-    @staticmethod
-    def aggressiveness(value: float) -> float:
-        """A larger alpha or threshold prunes more."""
-        return value
-
 
 def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Grid, max_drop, progress):
     """One compile per k; per site and setting, one retuned evaluation on the subset. A
     site's settings run from the least to the most aggressive and stop after the first whose
     drop exceeds ``max_drop`` (a more aggressive one would not be admissible either).
-    ``dense_subset``: the dense model's (rows, metric) per batch.
     Also the oracle bound per k (a perfect sign predictor on every site, on the subset)."""
     candidates, oracle = [], {}
     variants = [(k, build(dataclasses.replace(base, k=k))) for k in ks]
@@ -239,7 +233,7 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
         variant.reset_stats()
         evaluate(variant, subset)
         oracle[k] = variant.exprune_stats()["oracle_reduction"]
-    values = sorted(grid.values, key=grid.aggressiveness)
+    values = sorted(grid.values)  # a larger alpha or threshold prunes more
     bar = tqdm(total=sum(len(v.rewritten_sites) for _, v in variants) * len(values), desc="profiling sites",
                disable=not progress)
     for k, variant in variants:
@@ -247,10 +241,9 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
             for i, value in enumerate(values):
                 variant.retune(site, **{grid.setting: value})
                 variant.reset_stats()
-                drop, se = paired_drop(dense_subset, evaluate.per_batch(variant, subset)[1])
+                drop = dense_subset - evaluate(variant, subset)
                 candidates.append({"site": site, "k": k, "mode": variant.config.for_site(site).mode,
-                                   grid.setting: value, "drop": drop, "drop_se": se,
-                                   "saving": _site_saving(variant, site)})
+                                   grid.setting: value, "drop": drop, "saving": _site_saving(variant, site)})
                 bar.update(1)
                 if drop > max_drop:
                     bar.update(len(values) - i - 1)
@@ -264,10 +257,9 @@ def _profile_exact(variant: CompiledModel, evaluate, subset, dense_subset) -> li
     """``variant`` has every site it could rewrite in exact mode; each one's saving on the
     subset. The drop is measured for the whole variant (zero up to float reassociation)."""
     variant.reset_stats()
-    drop, se = paired_drop(dense_subset, evaluate.per_batch(variant, subset)[1])
+    drop = max(dense_subset - evaluate(variant, subset), 0.0)
     k = variant.config.k
-    return [{"site": r.name, "k": k, "mode": "exact", "drop": max(drop, 0.0), "drop_se": se,
-             "saving": _site_saving(variant, r.name)}
+    return [{"site": r.name, "k": k, "mode": "exact", "drop": drop, "saving": _site_saving(variant, r.name)}
             for r in variant.rewritten_sites]
 
 
@@ -342,21 +334,18 @@ def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batch
         return accepted
 
     start = dataclasses.replace(base, sites={s: SiteConfig(enabled=False) for s in sites})
-    lossless: dict[str, dict] = {}
-    for c in candidates:
-        if c["mode"] == "exact" and c["saving"] > lossless.get(c["site"], {"saving": 0.0})["saving"]:
-            lossless[c["site"]] = c
+    lossless = {c["site"]: c for c in candidates if c["mode"] == "exact" and c["saving"] > 0}  # one per site
     if lossless:
         trial = start
         for c in lossless.values():
             trial = apply(trial, c)
-        if verify(trial, c, "start: every exact-capable site in exact mode"):
+        if verify(trial, next(iter(lossless.values())), "start: every exact-capable site in exact mode"):
             start = trial
         else:
             lossless = {}
     saving = {s: c["saving"] for s, c in lossless.items()}  # each site's current setting
     path = upgrade_path(candidates, max_drop, saving)
-    admissible = {id(c) for c in _admissible(candidates, max_drop, saving)}
+    admissible = _admissible(candidates, max_drop, {})
 
     def prefix(n: int) -> Config:
         config = start
@@ -388,8 +377,7 @@ def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batch
                 config, saving[site] = trial, c["saving"]
                 continue
         ceiling[site] = c["saving"]
-        below = [o for o in candidates if o["site"] == site and id(o) in admissible
-                 and saving.get(site, 0.0) < o["saving"] < c["saving"]]
+        below = [o for o in admissible if o["site"] == site and saving.get(site, 0.0) < o["saving"] < c["saving"]]
         if below:
             queue.appendleft(max(below, key=lambda o: o["saving"]))
     bar.close()
