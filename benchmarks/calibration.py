@@ -41,7 +41,9 @@ BUDGETS = {"negligible (0.1%)": 0.001, "1%": 0.01}
 # label -> calibrate() arguments; "stats x3" is the sequential test (k, 2k, 4k)
 SEARCH = {"stats": {"test": "stats", "alphas": (0.01, 0.05, 0.2)},
           "stats x3": {"test": "stats", "alphas": (0.01, 0.05, 0.2), "stages": 3},
-          "threshold": {"test": "threshold", "thresholds": (-0.02, -0.005, 0.0)}}
+          "threshold": {"test": "threshold", "thresholds": (-0.02, -0.005, 0.0)},
+          "threshold-magnitude": {"test": "threshold", "order": "magnitude",
+                                  "thresholds": (-0.16, -0.08, -0.04, -0.02, -0.01, 0.0)}}
 MODELS = [*tasks.CNNS, "gcn", "opt_lm"]
 
 

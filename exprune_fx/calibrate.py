@@ -131,7 +131,8 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
               max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
               test: str = "stats", thresholds: Sequence[float] = (-0.02, -0.01, 0.0),
               profile_fraction: float = 0.25, margin: float = 1.0, seed: int = 0, stages: int = 1,
-              exact: bool = True, exact_k: int = 16, hybrid: bool = True, progress: bool = True) -> Calibration:
+              exact: bool = True, exact_k: int = 16, hybrid: bool = True, order: str = "natural",
+              progress: bool = True) -> Calibration:
     """Calibrate ``compiled`` (from :func:`exprune_fx.compile`) on ``data``, an iterable of
     ``(inputs, labels)`` batches (or a callable returning one). ``metric(outputs, labels)``
     is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
@@ -147,7 +148,9 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     allocation takes it wherever no statistical setting saves more within the budget.
     ``hybrid`` (single-stage tests only) runs the statistical settings of those same sites in
     hybrid mode: the test at k, then exact early exit for the outputs it keeps (the same
-    accuracy, more saving; see :mod:`exprune_fx.config`). See the module docstring."""
+    accuracy, more saving; see :mod:`exprune_fx.config`). ``order="magnitude"`` (threshold
+    test, one stage) has every site's test read its largest-weight terms first
+    (``Config.order``), in hybrid mode too. See the module docstring."""
     if not isinstance(compiled, CompiledModel) or getattr(compiled, "source_model", None) is None:
         raise InputError("calibrate() takes what exprune_fx.compile returned (it recompiles the source model)")
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop and math.isfinite(max_drop)):
@@ -158,7 +161,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
         raise InputError(f"profile_fraction must be in (0, 1] (got {profile_fraction!r})")
     if test not in ("stats", "threshold"):
         raise InputError(f"test must be 'stats' or 'threshold' (got {test!r})")
-    Config(stages=stages)  # validates
+    Config(stages=stages, order=order, test=test)  # validates (order="magnitude" needs the threshold test)
     grid = _Grid("alpha", tuple(alphas), 0.0) if test == "stats" else _Grid("threshold", tuple(thresholds), -math.inf)
     for value in grid.values:
         Config(**{grid.setting: value})  # validates
@@ -167,8 +170,8 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
         raise InputError("data must yield (inputs, labels) pairs, and at least one")
     start = time.perf_counter()
     evaluate = _Evaluator(batches, metric or accuracy)
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
-    subset = sorted(order[: max(1, round(profile_fraction * len(batches)))])
+    shuffled = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    subset = sorted(shuffled[: max(1, round(profile_fraction * len(batches)))])
     source, example, outputs = compiled.source_model, compiled.example_inputs, compiled.outputs
 
     prepared = Prepared(source, example, outputs)  # lift and analyse once; each trial rewrites a copy
@@ -181,7 +184,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)
     # whole-model settings of the compiled model (zero-skip) carry over to every trial
-    base = Config(k=min(ks), test=test, stages=stages, zero_skip=compiled.config.zero_skip,
+    base = Config(k=min(ks), test=test, stages=stages, zero_skip=compiled.config.zero_skip, order=order,
                   **{grid.setting: grid.off})
     Config(k=exact_k)  # validates
     exact_variant = build(dataclasses.replace(base, k=exact_k, mode="exact")) if exact or hybrid else None

@@ -170,7 +170,7 @@ class CompiledModel(torch.nn.Module):
             executed = c["partial"] + c["test"] + c["remainder"]
             sites[report.name] = {
                 "kind": report.kind, "decision": report.decision, "n": report.n, "k": report.k,
-                "stages": report.stages, "test": report.test, "calls": int(c["calls"]), "outputs": int(c["outputs"]),
+                "stages": report.stages, "test": report.test, "order": report.order, "calls": int(c["calls"]), "outputs": int(c["outputs"]),
                 "pruned": int(c["pruned"]),
                 "prune_rate": c["pruned"] / c["outputs"] if c["outputs"] else 0.0,
                 "dense_macs": c["dense"], "executed_macs": executed, "partial_macs": c["partial"],
@@ -223,7 +223,7 @@ class CompiledModel(torch.nn.Module):
             rate = f"{counted['prune_rate']:.1%}" if counted.get("calls") else "-"
             lines.append(f"{s.name:<{width}} {s.kind:<9} {s.decision or '-':<8} {s.n or '-':>5} "
                          f"{s.k if s.rewritten else '-':>4} {rate:>10}  "
-                         f"{'rewritten' if s.rewritten else 'dense: ' + str(s.reason)}")
+                         f"{_status(s)}")
         if not stats["calls"]:
             lines.append("whole model: no calls counted yet (run the compiled model, then report)")
         else:
@@ -237,6 +237,12 @@ class CompiledModel(torch.nn.Module):
                          f"reduction {zs['reduction']:.2%}")
         lines += [f"zero-skip: {r.name} stays dense: {r.reason}" for r in self.zero_skip if not r.rewritten]
         return "\n".join(lines)
+
+
+def _status(site: SiteReport) -> str:
+    if not site.rewritten:
+        return f"dense: {site.reason}"
+    return "rewritten" + (", magnitude order" if site.order == "magnitude" else "")
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -384,7 +384,9 @@ def early_exit_text(report: SiteReport | None) -> str:
     """``EARLY-EXIT site=linear_1 k=32 test=stats decision=relu``."""
     if report is None:
         return "EARLY-EXIT site=?"
-    return f"EARLY-EXIT site={report.name} k={report.k} test={report.test} decision={report.decision or '-'}"
+    order = " order=magnitude" if report.order == "magnitude" else ""
+    return (f"EARLY-EXIT site={report.name} k={report.k} test={report.test}{order} "
+            f"decision={report.decision or '-'}")
 
 
 def dense_text(report: SiteReport) -> str:

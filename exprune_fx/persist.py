@@ -47,7 +47,7 @@ _META = "exprune.json"
 def _config_to_json(config: Config) -> dict:
     return {"k": config.k, "test": config.test, "alpha": config.alpha, "threshold": _num(config.threshold),
             "stages": config.stages, "mode": config.mode, "zero_skip": config.zero_skip, "interval": config.interval,
-            "sites": {name: dataclasses.asdict(sc) for name, sc in config.sites.items()}}
+            "order": config.order, "sites": {name: dataclasses.asdict(sc) for name, sc in config.sites.items()}}
 
 
 def _num(x: float) -> Any:
@@ -59,7 +59,8 @@ def _config_from_json(data: dict) -> Config:
                                  for k, v in sc.items()}) for name, sc in data["sites"].items()}
     return Config(k=data["k"], test=data["test"], alpha=data["alpha"], threshold=float(data["threshold"]),
                   sites=sites, stages=data.get("stages", 1), mode=data.get("mode", "statistical"),
-                  zero_skip=data.get("zero_skip", False), interval=data.get("interval", 32))
+                  zero_skip=data.get("zero_skip", False), interval=data.get("interval", 32),
+                  order=data.get("order", "natural"))
 
 
 def save(compiled: CompiledModel, path: str | os.PathLike) -> None:

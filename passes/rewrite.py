@@ -67,6 +67,7 @@ class SiteReport:
     critical: str | None = None  # buffer name of the site's critical value (0-d tensor)
     classes: int | None = None  # output features of an argmax site (for its Bonferroni z)
     stages: int = 1  # sequential test stages (k, 2k, ...); argmax sites test once
+    order: str = "natural"  # which terms the test reads first (Config.order; "magnitude" where it applied)
 
 
 class NotRewritable(Exception):
@@ -88,10 +89,11 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
         reason = _precheck(site, cfg)
         if reason is None:
             try:
-                prefix, classes, terms = _rewrite_one(gm, site, lifted_nodes, cfg, index)
+                prefix, classes, terms, order = _rewrite_one(gm, site, lifted_nodes, cfg, index)
                 reports.append(SiteReport(**{**base, "n": terms or site.n}, rewritten=True,
                                           counters=f"{prefix}_counters",
-                                          critical=None if exact else f"{prefix}_critical", classes=classes))
+                                          critical=None if exact else f"{prefix}_critical", classes=classes,
+                                          order=order))
                 continue
             except NotRewritable as exc:
                 reason = str(exc)
@@ -126,6 +128,7 @@ class _Builder:
         self.gm, self.prefix, self.before = gm, f"exprune_{index}_{site.name}", before
         self.nodes: list[Node] = []
         self.buffers: list[str] = []
+        self.order = "natural"  # set to "magnitude" by a call that reorders each output's terms
 
     def buffer(self, suffix: str, value: torch.Tensor) -> Node:
         name = f"{self.prefix}_{suffix}"
@@ -284,7 +287,7 @@ def _largest_free(factors: list[tuple[int, int, bool]]) -> tuple[int, int, int]:
 
 def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteConfig, index: int):
     """Rewrite one site; return (buffer prefix, classes of an argmax site, terms per output
-    of an exact-mode site)."""
+    of an exact-mode site, the term order its test reads)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     if any(c not in nodes for c in site.chain):
         raise NotRewritable("the site is not in the runnable graph")
@@ -310,7 +313,7 @@ def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteCon
         if not old.users:
             gm.graph.erase_node(old)
     classes = RuleContext.shape(value)[-1] if site.decision == "argmax" else None
-    return builder.prefix, classes, terms
+    return builder.prefix, classes, terms, builder.order
 
 
 def _fold_epilogue(aff: _Affine, chain: list[Node], value: Node) -> None:
@@ -376,14 +379,18 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
-    sparse = site.decision == "relu" and before * after == 1 and bool((weight == 0).any())
+    by_magnitude = site.decision == "relu" and cfg.order == "magnitude" and before * after == 1
+    zeros = site.decision == "relu" and before * after == 1 and bool((weight == 0).any())
     if cfg.mode == "hybrid":
-        if sparse:
+        if zeros:
             raise NotRewritable(_HYBRID_SPARSE)
         return _hybrid_call(builder, torch.ops.exprune.hybrid_relu_linear.default, x, weight, scale, offset,
-                            before * after, cfg, test, counters, ())
+                            before * after, cfg, test, counters, (), by_magnitude)
+    sparse = zeros or by_magnitude
     if sparse:
-        layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(linear_layout(weight, cfg.k, test))]
+        builder.order = "magnitude" if by_magnitude else "natural"
+        layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(linear_layout(weight, cfg.k, test,
+                                                                                         builder.order))]
         return builder.call(torch.ops.exprune.sparse_relu_matmul.default, x, *layout, scale, offset, cfg.k, test,
                             _critical(builder, cfg.critical), counters)
     if w_node is None:  # reordered: a buffer replaces the parameter (which the graph no longer reads)
@@ -449,16 +456,20 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, cout, 3, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
-    sparse = unit == 1 and groups == 1 and bool((weight.flatten(2) == 0).all(2).any())  # zero channel windows
+    by_magnitude = cfg.order == "magnitude" and unit == 1 and groups == 1
+    zero_windows = unit == 1 and groups == 1 and bool((weight.flatten(2) == 0).all(2).any())
     if cfg.mode == "hybrid":
         if groups != 1:
             raise NotRewritable("hybrid mode: grouped convolutions are not rewritten yet")
-        if sparse:
+        if zero_windows:
             raise NotRewritable(_HYBRID_SPARSE)
         return _hybrid_call(builder, torch.ops.exprune.hybrid_relu_conv2d.default, x, weight, scale, offset,
-                            unit, cfg, test, counters, (stride, padding, dilation))
+                            unit, cfg, test, counters, (stride, padding, dilation), by_magnitude)
+    sparse = zero_windows or by_magnitude
     if sparse:
-        layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(conv_layout(weight, cfg.k, test))]
+        builder.order = "magnitude" if by_magnitude else "natural"
+        layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(conv_layout(weight, cfg.k, test,
+                                                                                       builder.order))]
         return builder.call(torch.ops.exprune.sparse_relu_conv2d.default, x, *layout, scale, offset, stride, padding,
                             dilation, cfg.k, test, _critical(builder, cfg.critical), counters)
     return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, stride,
@@ -470,10 +481,20 @@ _HYBRID_SPARSE = ("hybrid mode: a weight with pruned (zero) terms takes the spar
                   "nonzero terms only; use statistical or exact mode for this site")
 
 
-def _hybrid_call(builder, op, x, weight, scale, offset, unit, cfg, test, counters, geometry) -> Node:
+def _hybrid_call(builder, op, x, weight, scale, offset, unit, cfg, test, counters, geometry,
+                 by_magnitude: bool) -> Node:
     """Hybrid mode (``runtime/hybrid.py``): the first k terms' weights as they are (the
-    test's), the rest folded with the epilogue's scale and split by sign at compile time."""
-    head, rest = weight[:, :cfg.k * unit], weight[:, cfg.k * unit:]
+    test's), the rest folded with the epilogue's scale and split by sign at compile time. In
+    magnitude order both are full width: each output's k largest terms, and the others."""
+    if by_magnitude:
+        builder.order = "magnitude"
+        magnitude = weight.abs().flatten(2).sum(2) if weight.dim() > 2 else weight.abs()
+        first = magnitude.topk(cfg.k, dim=1).indices
+        in_head = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, first, True)
+        in_head = in_head.reshape(in_head.shape + (1,) * (weight.dim() - 2))
+        head, rest = weight * in_head, weight * ~in_head
+    else:
+        head, rest = weight[:, :cfg.k * unit], weight[:, cfg.k * unit:]
     scale_vector = getattr(builder.gm, scale.target)
     folded = rest.float() * scale_vector.reshape((-1,) + (1,) * (rest.dim() - 1))
     positive, order, negative, count = sign_order(folded.reshape(weight.shape[0], -1))

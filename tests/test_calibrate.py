@@ -61,6 +61,20 @@ def test_threshold_search(setup):
     assert result.config.test == "threshold"
 
 
+def test_magnitude_order_calibration(setup):
+    """order="magnitude": every site the search chose reads its largest terms first (in
+    hybrid mode where the site admits it), and the budget holds on the split and held out."""
+    model, val, test = setup
+    compiled = exprune_fx.compile(model, val[0][0][:4])
+    result = exprune_fx.calibrate(compiled, val[:4], max_drop=0.01, ks=(16,), test="threshold",
+                                  thresholds=(-0.1, -0.05, 0.0), order="magnitude", exact=False, progress=False)
+    assert result.report["metric_drop"] <= 0.01
+    assert accuracy(model, test) - accuracy(result.compiled, test) <= 0.01 + 0.005
+    chosen = result.compiled.rewritten_sites
+    assert chosen and all(s.order == "magnitude" and s.test in ("threshold", "threshold+exact") for s in chosen)
+    assert result.report["reduction"] > 0
+
+
 def test_sequential_test_calibration(setup):
     """stages=3: the chosen config carries the stages, the budget holds on the split."""
     model, val, _ = setup
@@ -87,6 +101,8 @@ def test_bad_arguments(setup):
         exprune_fx.calibrate(compiled, val, stages=0)
     with pytest.raises(InputError, match="test must be"):
         exprune_fx.calibrate(compiled, val, test="oracle")
+    with pytest.raises(InputError, match="order='magnitude' needs test='threshold'"):
+        exprune_fx.calibrate(compiled, val, order="magnitude")
     with pytest.raises(InputError, match="what exprune_fx.compile returned"):
         exprune_fx.calibrate(model, val)
 

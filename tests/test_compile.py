@@ -1,6 +1,7 @@
 """exprune_fx.compile end to end: equivalence, prune-everything, structure, errors."""
 
 import copy
+import dataclasses
 import math
 import warnings
 
@@ -18,6 +19,7 @@ from exprune_fx.zoo import gcn, mlp, residual_cnn
 
 NEVER = Config(alpha=0.0, k=2)
 NEVER_STAGED = Config(alpha=0.0, k=2, stages=3)
+NEVER_MAGNITUDE = Config(test="threshold", threshold=-math.inf, k=2, order="magnitude")
 EVERYTHING = Config(test="threshold", threshold=math.inf, k=2)
 
 
@@ -45,7 +47,7 @@ def op_outputs(compiled, x):
 
 
 @settings(max_examples=60)
-@given(architectures(), st.sampled_from([NEVER, NEVER_STAGED]))
+@given(architectures(), st.sampled_from([NEVER, NEVER_STAGED, NEVER_MAGNITUDE]))
 def test_never_prune_is_equivalent(arch, config):
     model, x = arch
     with warnings.catch_warnings():
@@ -74,6 +76,36 @@ def test_prune_everything(arch):
             assert s["pruned"] == s["outputs"] > 0
             assert s["remainder_macs"] == 0
             assert s["executed_macs"] == s["partial_macs"] + s["test_macs"]
+
+
+def test_magnitude_order_reads_each_outputs_largest_terms_and_is_reported():
+    """order="magnitude": a ReLU site's test reads each output's k largest-weight terms (here
+    the k largest weights are strongly negative, the others small and positive: the natural
+    order's first k terms see the positive ones and keep the output, the magnitude order's
+    prune it); the report says which order each site's test reads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(5.0)  # every hidden unit positive
+        model[2].bias.zero_()
+        model[2].weight.fill_(0.01)
+        model[2].weight[:, 28:] = -1.0
+    x = torch.randn(64, 8) * 0.1
+    config = Config(test="threshold", threshold=0.0, k=4)
+    natural = exprune_fx.compile(model, x, config)
+    by_magnitude = exprune_fx.compile(model, x, dataclasses.replace(config, order="magnitude"))
+    for compiled in (natural, by_magnitude):
+        compiled(x)
+    orders = {s.name: s.order for s in by_magnitude.sites if s.rewritten}
+    assert orders == {"linear_1": "magnitude"}  # the first linear reads the graph input (pinned)
+    assert "rewritten, magnitude order" in by_magnitude.report()
+    assert by_magnitude.exprune_stats()["sites"]["linear_1"]["order"] == "magnitude"
+    h = model[1](model[0](x))
+    assert torch.all(h > 0) and torch.all(model[2](h) <= 0)  # every output of linear_1 is negative: pruning it all is right
+    assert natural.exprune_stats()["sites"]["linear_1"]["pruned"] == 0
+    assert by_magnitude.exprune_stats()["sites"]["linear_1"]["prune_rate"] == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(by_magnitude(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_pruned_outputs_are_zero_and_the_rest_exact():

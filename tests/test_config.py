@@ -23,6 +23,13 @@ from exprune_fx import Config, InputError, SiteConfig
     ({"stages": 0}, r"Config\.stages must be an integer in \[1, 8\]"),
     ({"stages": 2.0}, r"Config\.stages"),
     ({"sites": {"linear": {"stages": 9}}}, r"SiteConfig\.stages"),
+    ({"order": "largest"}, r"Config\.order must be one of \('natural', 'magnitude'\)"),
+    ({"sites": {"linear": {"order": 1}}}, r"SiteConfig\.order"),
+    ({"order": "magnitude"}, r"Config: order='magnitude' needs test='threshold'"),
+    ({"order": "magnitude", "test": "threshold", "stages": 2}, r"tests once"),
+    ({"order": "magnitude", "test": "stats", "mode": "hybrid"}, r"needs test='threshold'"),
+    ({"test": "threshold", "sites": {"linear": {"order": "magnitude", "test": "stats"}}},
+     r"Config\.sites\['linear'\]: order='magnitude' needs test='threshold'"),
 ])
 def test_bad_values_are_refused(kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -49,3 +56,11 @@ def test_dominance_critical_is_bonferroni():
     assert cfg.dominance_critical(2) == pytest.approx(1.6449, abs=1e-3)
     assert cfg.dominance_critical(11) == pytest.approx(2.5758, abs=1e-3)  # 1 - 0.05/10
     assert Config(alpha=0.0).for_site("h").dominance_critical(10) == math.inf
+
+
+def test_magnitude_order_resolves_per_site():
+    cfg = Config(test="threshold", order="magnitude", sites={"a": {"order": "natural", "test": "stats"},
+                                                             "b": {"mode": "exact"}})
+    assert cfg.for_site("x").order == "magnitude"
+    assert cfg.for_site("a").order == "natural" and cfg.for_site("a").test == "stats"
+    assert cfg.for_site("b").mode == "exact"  # exact mode orders its own terms: the setting does not apply

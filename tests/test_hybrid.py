@@ -136,20 +136,23 @@ def _residual():
     return model, torch.rand(4, 1, 28, 28)
 
 
-def test_hybrid_sites_on_the_residual_cnn():
+@pytest.mark.parametrize("order", ["natural", "magnitude"])
+def test_hybrid_sites_on_the_residual_cnn(order):
     """Hybrid mode rewrites the sites exact mode can (with a reason for the others); pruning
     nothing it equals the dense model; at the same threshold it gives the statistical mode's
-    outputs and saves at least as many MACs on these sites."""
+    outputs and saves at least as many MACs on these sites, in either term order."""
     model, x = _residual()
-    nothing = compile_quietly(model, x[:2], Config(k=2, test="threshold", threshold=-math.inf, mode="hybrid"))
+    nothing = compile_quietly(model, x[:2], Config(k=2, test="threshold", threshold=-math.inf, mode="hybrid",
+                                                   order=order))
+    assert all(r.order == order for r in nothing.rewritten_sites)
     exact = compile_quietly(model, x[:2], Config(k=2, mode="exact"))
     assert [r.name for r in nothing.rewritten_sites] == [r.name for r in exact.rewritten_sites]
     assert all(r.test == "threshold+exact" for r in nothing.rewritten_sites)
     assert all(r.reason.startswith("hybrid mode: ") for r in nothing.sites if not r.rewritten)
     torch.testing.assert_close(run(nothing, x), run(model, x), rtol=1e-4, atol=1e-4)
     sites = {r.name: {"mode": "hybrid"} for r in exact.rewritten_sites}
-    hybrid = compile_quietly(model, x[:2], Config(k=2, test="threshold", threshold=0.0, sites=sites))
-    statistical = compile_quietly(model, x[:2], Config(k=2, test="threshold", threshold=0.0))
+    hybrid = compile_quietly(model, x[:2], Config(k=2, test="threshold", threshold=0.0, sites=sites, order=order))
+    statistical = compile_quietly(model, x[:2], Config(k=2, test="threshold", threshold=0.0, order=order))
     torch.testing.assert_close(run(hybrid, x), run(statistical, x), rtol=1e-4, atol=1e-4)
     h, s = hybrid.exprune_stats()["sites"], statistical.exprune_stats()["sites"]
     assert any(h[name]["pruned"] > s[name]["pruned"] for name in sites)  # kept outputs that stopped early
@@ -159,10 +162,11 @@ def test_hybrid_sites_on_the_residual_cnn():
 
 
 @settings(max_examples=40, deadline=None)
-@given(architectures(), st.integers(2, 6), st.integers(1, 40))
-def test_hybrid_mode_pruning_nothing_equals_the_dense_model(arch, k, interval):
+@given(architectures(), st.integers(2, 6), st.integers(1, 40), st.sampled_from(["natural", "magnitude"]))
+def test_hybrid_mode_pruning_nothing_equals_the_dense_model(arch, k, interval, order):
     model, x = arch
-    compiled = compile_quietly(model, x, Config(mode="hybrid", k=k, alpha=0.0, interval=interval))
+    never = {"alpha": 0.0} if order == "natural" else {"test": "threshold", "threshold": -math.inf}
+    compiled = compile_quietly(model, x, Config(mode="hybrid", k=k, interval=interval, order=order, **never))
     for batch in (x, torch.cat([x, -x, 3 * x])):
         torch.testing.assert_close(run(compiled, batch), run(model, batch), rtol=1e-4, atol=1e-4)
 

@@ -16,13 +16,17 @@ def call(model, inputs):
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-@pytest.mark.parametrize("name", ["residual_cnn", "hf_opt"])
+@pytest.mark.parametrize("name", ["residual_cnn", "residual_cnn_magnitude", "hf_opt"])
 def test_round_trip_is_identical(tmp_path, name):
     if name == "hf_opt":
         pytest.importorskip("transformers")
         from exprune_fx.zoo import hf_opt
         model, inputs = hf_opt()
         cfg, outputs = Config(alpha=0.2, k=8, sites={"linear_4": {"alpha": 0.4}}), {"logits": "argmax"}
+    elif name == "residual_cnn_magnitude":
+        model, inputs = residual_cnn()
+        cfg = Config(test="threshold", threshold=-0.01, k=8, order="magnitude", sites={"conv2d_3": {"mode": "hybrid"}})
+        outputs = None
     else:
         model, inputs = residual_cnn()
         cfg, outputs = Config(alpha=0.2, k=8, sites={"conv2d_3": {"enabled": False}}), None
@@ -36,6 +40,8 @@ def test_round_trip_is_identical(tmp_path, name):
         before, after = before.logits, after.logits
     assert torch.equal(before, after)
     assert loaded.config == compiled.config and loaded.sites == compiled.sites
+    if name == "residual_cnn_magnitude":
+        assert {s.order for s in loaded.rewritten_sites} == {"magnitude"}
     assert loaded.exprune_stats()["sites"].keys() == compiled.exprune_stats()["sites"].keys()
     assert loaded.exprune_stats()["calls"] == 1
     bigger = ({k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -24,13 +24,13 @@ def _sparse(shape, density, g):
 
 @settings(max_examples=80, deadline=None)
 @given(st.integers(1, 5), st.integers(2, 60), st.integers(1, 8), st.integers(2, 8), st.floats(0.0, 1.0),
-       st.integers(0, 2**16), st.sampled_from([STATS, THRESHOLD]))
-def test_sparse_matmul_never_prune_is_dense(rows, terms, outputs, k, density, seed, test):
+       st.integers(0, 2**16), st.sampled_from([STATS, THRESHOLD]), st.sampled_from(["natural", "magnitude"]))
+def test_sparse_matmul_never_prune_is_dense(rows, terms, outputs, k, density, seed, test, order):
     g = torch.Generator().manual_seed(seed)
     w, x = _sparse((outputs, terms), density, g), torch.randn(rows, terms, generator=g)
     scale, offset = torch.rand(outputs, generator=g) + 0.5, torch.randn(rows, outputs, generator=g)
     stats = new_counters()
-    z = sparse_relu_matmul(x, *linear_layout(w, k, test), scale, offset, k, test, NEVER, stats)
+    z = sparse_relu_matmul(x, *linear_layout(w, k, test, order), scale, offset, k, test, NEVER, stats)
     torch.testing.assert_close(z, scale * (x @ w.T) + offset, rtol=1e-5, atol=1e-5)
     c = read(stats)
     assert c["pruned"] == 0
@@ -76,20 +76,67 @@ def test_the_test_reads_the_first_k_nonzero_terms():
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 3), st.integers(1, 10), st.integers(1, 6), st.sampled_from([1, 3]), st.integers(2, 4),
-       st.floats(0.0, 1.0), st.integers(0, 2**16), st.sampled_from([STATS, THRESHOLD]))
-def test_sparse_conv_never_prune_is_dense(batch, cin, cout, size, k, density, seed, test):
+       st.floats(0.0, 1.0), st.integers(0, 2**16), st.sampled_from([STATS, THRESHOLD]),
+       st.sampled_from(["natural", "magnitude"]))
+def test_sparse_conv_never_prune_is_dense(batch, cin, cout, size, k, density, seed, test, order):
     g = torch.Generator().manual_seed(seed)
     w = _sparse((cout, cin, size, size), density, g)
     x = torch.randn(batch, cin, 5, 5, generator=g)
     scale = torch.rand(cout, generator=g) + 0.5
     stats = new_counters()
-    z = sparse_relu_conv2d(x, *conv_layout(w, k, test), scale, None, [1, 1], [size // 2] * 2, [1, 1], k, test,
-                           NEVER, stats)
+    z = sparse_relu_conv2d(x, *conv_layout(w, k, test, order), scale, None, [1, 1], [size // 2] * 2, [1, 1], k,
+                           test, NEVER, stats)
     dense = torch.nn.functional.conv2d(x, w, None, 1, size // 2) * scale.view(1, -1, 1, 1)
     torch.testing.assert_close(z, dense, rtol=1e-5, atol=1e-5)
     c = read(stats)
     assert c["dense"] == batch * 25 * int((w != 0).sum())
     assert c["partial"] + c["remainder"] == c["dense"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 6), st.integers(2, 6), st.floats(0.3, 1.0), st.integers(0, 2**16))
+def test_magnitude_layout_puts_each_outputs_largest_terms_first(terms, outputs, k, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = _sparse((outputs, terms), density, g)
+    first, first_w, rest, rest_w = linear_layout(w, k, THRESHOLD, "magnitude")[:4]
+    for j in range(outputs):
+        kept = min(k, int((w[j] != 0).sum()))
+        top = w[j].abs().topk(kept).values
+        torch.testing.assert_close(first_w[j, :kept].abs(), top)  # the k largest, largest first
+        nonzero = int((w[j] != 0).sum())
+        read = first[j, :kept].tolist() + rest[j, :nonzero - kept].tolist()
+        assert sorted(read) == (w[j] != 0).nonzero().squeeze(1).tolist()  # every nonzero term, once
+    wc = _sparse((outputs, terms, 3, 3), density, g)
+    first_c = conv_layout(wc, k, THRESHOLD, "magnitude")[0]
+    norms = wc.abs().flatten(2).sum(2)
+    for j in range(outputs):
+        kept = min(k, int((norms[j] > 0).sum()))
+        torch.testing.assert_close(norms[j, first_c[j, :kept]], norms[j].topk(kept).values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(4, 12), st.integers(1, 6), st.integers(2, 3), st.floats(-0.5, 0.5),
+       st.integers(0, 2**16), st.sampled_from(["natural", "magnitude"]))
+def test_sparse_conv_threshold_prunes_exactly_where_the_first_k_terms_say(batch, cin, cout, k, threshold, seed,
+                                                                           order):
+    """The threshold test's one-convolution head: its pruned outputs are exactly those whose
+    first k terms (computed here one channel at a time) have a mean below the threshold, with
+    the folded scale and offset; every other output is the dense value."""
+    g = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(cout, cin, 3, 3, generator=g), torch.randn(batch, cin, 5, 5, generator=g)
+    scale, offset = torch.rand(cout, generator=g) + 0.5, torch.randn(batch, cout, 5, 5, generator=g)
+    layout = conv_layout(w, k, THRESHOLD, order)
+    z = sparse_relu_conv2d(x, *layout, scale, offset, [1, 1], [1, 1], [1, 1], k, THRESHOLD,
+                           torch.tensor(threshold), new_counters())
+    a = scale.view(1, -1, 1, 1)
+    partial = torch.stack([sum(torch.nn.functional.conv2d(x[:, i:i + 1], w[j:j + 1, i:i + 1], None, 1, 1)[:, 0]
+                               for i in layout[0][j].tolist()) for j in range(cout)], 1)
+    mean = a * partial / k + offset / cin
+    expected_pruned = (mean < threshold) & layout[4].view(1, -1, 1, 1)
+    dense = a * torch.nn.functional.conv2d(x, w, None, 1, 1) + offset
+    close = (mean - threshold).abs() < 1e-4  # float ties either way
+    assert torch.equal((z == 0)[~close], (expected_pruned | (dense == 0))[~close])
+    torch.testing.assert_close(z[~expected_pruned & ~close], dense[~expected_pruned & ~close], rtol=1e-5, atol=1e-5)
 
 
 def _pruned_cnn(sparsity):

@@ -14,6 +14,11 @@ accuracy, and saves more: a kept output that ends negative stops before its last
 The remaining weights arrive as :func:`exact.sign_order` layouts of the folded rest
 (``scale * weight[:, k * unit:]``); zero weights in the rest are never computed.
 
+Magnitude order (``Config(order="magnitude")``, threshold test, one element per term): the
+head is full width, ``weight`` with every term but each output's k largest zeroed, the test's
+sum is one product with it, and the rest (``weight`` with those k terms zeroed) covers all
+the inputs. A head as wide as the input tells the kernels which layout they have.
+
 Counters: ``partial`` the first k terms of every output; ``test`` the statistical test
 (as in :mod:`.kernels`) plus one comparison per exact check; ``remainder`` the positive
 rest terms of every kept output plus the negative terms it consumed; ``pruned`` outputs the
@@ -48,15 +53,18 @@ def hybrid_relu_linear(x, head, scale, offset, positive, order, negative, count,
                        critical, interval: int, stats):
     """Hybrid early exit for ``x @ weight.T`` (x [..., K] >= 0) followed by a ReLU: ``head``
     is ``weight[:, :k * unit]``, the rest arrives folded as sign_order layouts
-    (``positive`` [N, K - k * unit])."""
+    (``positive`` [N, K - k * unit]; both [N, K] in magnitude order)."""
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], head.shape[0]
     x2 = x.reshape(-1, big_k)
     m, kh = x2.shape[0], k * unit
     c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     a = scale.to(x2.dtype)
-    s1, s2 = _term_sums(x2[:, :kh], head, k, unit, test)
+    if head.shape[1] == big_k:  # magnitude order: a full-width head (threshold test), a full-width rest
+        s1, s2, x_rest = x2 @ head.T, None, x2
+    else:
+        s1, s2 = _term_sums(x2[:, :kh], head, k, unit, test)
+        x_rest = x2[:, kh:]
     pruned = _decide_negative(_term_mean(s1, a, c, k, big_k // unit), s1, s2, a, k, big_k // unit, test, critical)
-    x_rest = x2[:, kh:]
     running = torch.addcmul(c, a, s1).add_(x_rest @ positive.T)
     stopped, consumed, checks, blocks = matmul_blocks(x_rest, running, order, negative, count, interval, pruned)
     kept_per_column = (~pruned).sum(0)
@@ -69,15 +77,19 @@ def hybrid_relu_conv2d(x, head, scale, offset, positive, order, negative, count,
                        unit: int, k: int, test: int, critical, interval: int, stats):
     """Hybrid early exit for a 2-d convolution (groups 1, x >= 0) followed by a ReLU: a test
     term is ``unit`` input channels' whole window (``head`` is ``weight[:, :k * unit]``); the
-    rest is tap by tap, as in exact mode (``positive`` [cout, cin - k * unit, kh, kw])."""
+    rest is tap by tap, as in exact mode (``positive`` [cout, cin - k * unit, kh, kw]; both
+    [cout, cin, kh, kw] in magnitude order)."""
     kc = k * unit
     cout, cin = head.shape[0], x.shape[1]
     n = cin // unit
-    s1, s2 = _conv_term_sums(x[:, :kc].unsqueeze(1), head.unsqueeze(0), k, unit, test, stride, padding, dilation)
+    if head.shape[1] == cin:  # magnitude order: a full-width head (threshold test), a full-width rest
+        s1, s2, x_rest = F.conv2d(x, head, None, stride, padding, dilation), None, x.contiguous()
+    else:
+        s1, s2 = _conv_term_sums(x[:, :kc].unsqueeze(1), head.unsqueeze(0), k, unit, test, stride, padding, dilation)
+        x_rest = x[:, kc:].contiguous()  # read once per block convolution: copy it once
     a = scale.to(x.dtype).view(1, cout, 1, 1)
     c = torch.zeros((), dtype=x.dtype, device=x.device) if offset is None else offset.to(x.dtype).expand_as(s1)
     pruned = _decide_negative(_term_mean(s1, a, c, k, n), s1, s2, a, k, n, test, critical)
-    x_rest = x[:, kc:].contiguous()  # read once per block convolution: copy it once
     running = torch.addcmul(c, a, s1).add_(F.conv2d(x_rest, positive, None, stride, padding, dilation))
     stopped, consumed, checks, blocks = conv_blocks(x_rest, running, positive.shape, order, negative, count, stride,
                                                     padding, dilation, interval, pruned)

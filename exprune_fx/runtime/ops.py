@@ -85,7 +85,8 @@ _op("hybrid_relu_conv2d(Tensor x, Tensor head, Tensor scale, Tensor? offset, Ten
     "Tensor critical, int interval, Tensor(a!) stats) -> Tensor",
     hybrid.hybrid_relu_conv2d,
     lambda x, head, scale, offset, positive, order, negative, count, stride, padding, dilation, *rest, **kw:
-    F.conv2d(x, torch.cat([head, positive], 1), None, stride, padding, dilation))
+    F.conv2d(x, head if head.shape[1] == x.shape[1] else torch.cat([head, positive], 1), None, stride, padding,
+             dilation))
 
 _op("sparse_relu_matmul(Tensor x, Tensor first, Tensor first_w, Tensor rest, Tensor rest_w, Tensor nonzero, "
     "Tensor tested, Tensor scale, Tensor? offset, int k, int test, Tensor critical, Tensor(a!) stats) -> Tensor",

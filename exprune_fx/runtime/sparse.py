@@ -13,6 +13,10 @@ A term of a linear site is one input feature; of a convolution, one input channe
 window (nonzero when any of its taps is). The layouts are built at compile time by
 :func:`linear_layout` and :func:`conv_layout`.
 
+The same kernels serve ``Config(order="magnitude")`` on dense weights: there an output's first
+k terms are its k terms of largest weight magnitude (a conv term's magnitude is its window's
+L1 norm) instead of its first k in the contraction's order.
+
 Example:
     >>> import torch
     >>> from exprune_fx.runtime.counters import new_counters, read
@@ -41,21 +45,33 @@ def worth_testing(nonzero_terms: torch.Tensor, term_macs: torch.Tensor | float, 
     return (nonzero_terms - k) * term_macs >= cost
 
 
-def _first_and_rest(nonzero: torch.Tensor, k: int):
-    """Per output (row of ``nonzero`` [N, T]): the indices of its first k nonzero terms, and of
-    the other terms (nonzero ones first, padded with zero-weight terms)."""
-    order = torch.argsort((~nonzero).to(torch.int8), dim=1, stable=True)  # nonzero first, original order
-    return order[:, :k].contiguous(), order[:, k:].contiguous()
+ORDERS = ("natural", "magnitude")
 
 
-def linear_layout(weight: torch.Tensor, k: int, test: int):
+def _first_and_rest(magnitude: torch.Tensor, k: int, order: str):
+    """Per output (row of ``magnitude`` [N, T], 0 exactly for zero-weight terms): the indices
+    of its first k terms and of the others. ``"natural"``: nonzero terms in their original
+    order; ``"magnitude"``: largest first (ties in original order). Zero-weight terms last.
+
+    >>> m = torch.tensor([[0.0, 0.5, 2.0, 1.0]])
+    >>> _first_and_rest(m, 2, "natural"), _first_and_rest(m, 2, "magnitude")
+    ((tensor([[1, 2]]), tensor([[3, 0]])), (tensor([[2, 3]]), tensor([[1, 0]])))
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS} (got {order!r})")
+    key = (magnitude != 0).to(torch.int8) if order == "natural" else magnitude
+    ranked = torch.argsort(key, dim=1, descending=True, stable=True)
+    return ranked[:, :k].contiguous(), ranked[:, k:].contiguous()
+
+
+def linear_layout(weight: torch.Tensor, k: int, test: int, order: str = "natural"):
     """Compile-time layout of a linear weight [N, K] (one term per input feature):
     ``(first, first_w, rest, rest_w, nonzero, tested)`` where ``first``/``first_w``
-    [N, k] are each output's first k nonzero terms and their weights, ``rest``/``rest_w``
-    the others (zero weights past the nonzero ones), ``nonzero`` [N] the nonzero term counts,
-    ``tested`` [N] the cost rule's verdict."""
+    [N, k] are each output's first k nonzero terms (in ``order``) and their weights,
+    ``rest``/``rest_w`` the others (zero weights past the nonzero ones), ``nonzero`` [N] the
+    nonzero term counts, ``tested`` [N] the cost rule's verdict."""
     nonzero = weight != 0
-    first, rest = _first_and_rest(nonzero, k)
+    first, rest = _first_and_rest(weight.abs(), k, order)
     counts = nonzero.sum(1)
     width = max(int(counts.max()) - k, 0) if counts.numel() else 0
     rest = rest[:, :width].contiguous()
@@ -111,16 +127,17 @@ def sparse_relu_matmul(x, first, first_w, rest, rest_w, nonzero, tested, scale, 
     return out.reshape(lead + (n_out,))
 
 
-def conv_layout(weight: torch.Tensor, k: int, test: int):
+def conv_layout(weight: torch.Tensor, k: int, test: int, order: str = "natural"):
     """Compile-time layout of a conv weight [cout, cin, kh, kw] (a term is one input channel's
     window): ``(first, first_w, rest_w, nonzero, tested, taps_first, taps_all)`` with ``first``
-    [cout, k] each output channel's first k nonzero input channels, ``first_w`` [cout, k, kh, kw]
+    [cout, k] each output channel's first k nonzero input channels (in ``order``; a window's
+    magnitude is its L1 norm), ``first_w`` [cout, k, kh, kw]
     their windows, ``rest_w`` the weight with those k channels zeroed, ``nonzero`` [cout] the
     nonzero channel counts, ``tested`` the cost rule's verdict, and the nonzero taps in the
     first k channels and in all of them, per output channel."""
     cout, cin = weight.shape[:2]
     taps = (weight != 0).flatten(2).sum(2)  # [cout, cin]
-    first, _ = _first_and_rest(taps > 0, k)
+    first, _ = _first_and_rest(weight.abs().flatten(2).sum(2), k, order)
     counts = (taps > 0).sum(1)
     first_w = weight.gather(1, first[:, :, None, None].expand(-1, -1, *weight.shape[2:]))
     rest_w = weight.clone()
@@ -132,19 +149,28 @@ def conv_layout(weight: torch.Tensor, k: int, test: int):
             taps_first, taps_all)
 
 
+def _gathered_conv_sums(x, first, first_w, stride, padding, dilation):
+    """Sum and sum of squares of each output channel's k terms, one depthwise convolution of
+    the gathered input channels per term."""
+    s1 = s2 = None
+    for r in range(first.shape[1]):  # k, or fewer when the layer has fewer input channels
+        t = _wide(F.conv2d(x[:, first[:, r]], first_w[:, r:r + 1], None, stride, padding, dilation, first.shape[0]))
+        s1 = t if s1 is None else s1.add_(t)
+        s2 = t * t if s2 is None else s2.addcmul_(t, t)
+    return s1.to(x.dtype), s2
+
+
 def sparse_relu_conv2d(x, first, first_w, rest_w, nonzero, tested, taps_first, taps_all, scale, offset,
                        stride, padding, dilation, k: int, test: int, critical: float, stats):
     """Early negative prediction for a 2-d convolution (groups 1) whose weight has zero
     channel windows: output channel j's samples are its first k nonzero input channels, each
     computed as one depthwise convolution over the gathered channels."""
     cout = first.shape[0]
-    s1 = s2 = None
-    for r in range(first.shape[1]):  # k, or fewer when the layer has fewer input channels
-        t = F.conv2d(x[:, first[:, r]], first_w[:, r:r + 1], None, stride, padding, dilation, cout)
-        s1 = t if s1 is None else s1.add_(t)
-        if test != THRESHOLD:
-            tw = _wide(t)
-            s2 = tw * tw if s2 is None else s2.addcmul_(tw, tw)
+    if test == THRESHOLD:  # the sum only: one convolution with every other channel's window zeroed
+        head = torch.zeros_like(rest_w).scatter_(1, first[:, :, None, None].expand_as(first_w), first_w)
+        s1, s2 = F.conv2d(x, head, None, stride, padding, dilation), None
+    else:
+        s1, s2 = _gathered_conv_sums(x, first, first_w, stride, padding, dilation)
     a = scale.to(x.dtype).view(1, cout, 1, 1)
     c = torch.zeros((), dtype=x.dtype, device=x.device) if offset is None else offset.to(x.dtype).expand_as(s1)
     n = nonzero.clamp_min(k + 1).to(s1.dtype).view(1, cout, 1, 1)
