@@ -40,7 +40,7 @@ from exprune_fx.config import Config, ResolvedSiteConfig
 from exprune_fx.runtime import ops  # noqa: F401  (registers torch.ops.exprune)
 from exprune_fx.runtime.counters import new_counters
 from exprune_fx.runtime.exact import sign_order
-from exprune_fx.runtime.sparse import conv_layout, linear_layout
+from exprune_fx.runtime.sparse import conv_layout, first_and_rest, linear_layout
 from exprune_fx.runtime.kernels import STATS, THRESHOLD, valid_k
 from .exchangeability import META_AXES
 from .rules import RuleContext
@@ -489,7 +489,7 @@ def _hybrid_call(builder, op, x, weight, scale, offset, unit, cfg, test, counter
     if by_magnitude:
         builder.order = "magnitude"
         magnitude = weight.abs().flatten(2).sum(2) if weight.dim() > 2 else weight.abs()
-        first = magnitude.topk(cfg.k, dim=1).indices
+        first, _ = first_and_rest(magnitude, cfg.k, "magnitude")
         in_head = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, first, True)
         in_head = in_head.reshape(in_head.shape + (1,) * (weight.dim() - 2))
         head, rest = weight * in_head, weight * ~in_head

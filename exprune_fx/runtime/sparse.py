@@ -48,13 +48,13 @@ def worth_testing(nonzero_terms: torch.Tensor, term_macs: torch.Tensor | float, 
 ORDERS = ("natural", "magnitude")
 
 
-def _first_and_rest(magnitude: torch.Tensor, k: int, order: str):
+def first_and_rest(magnitude: torch.Tensor, k: int, order: str):
     """Per output (row of ``magnitude`` [N, T], 0 exactly for zero-weight terms): the indices
     of its first k terms and of the others. ``"natural"``: nonzero terms in their original
     order; ``"magnitude"``: largest first (ties in original order). Zero-weight terms last.
 
     >>> m = torch.tensor([[0.0, 0.5, 2.0, 1.0]])
-    >>> _first_and_rest(m, 2, "natural"), _first_and_rest(m, 2, "magnitude")
+    >>> first_and_rest(m, 2, "natural"), first_and_rest(m, 2, "magnitude")
     ((tensor([[1, 2]]), tensor([[3, 0]])), (tensor([[2, 3]]), tensor([[1, 0]])))
     """
     if order not in ORDERS:
@@ -71,7 +71,7 @@ def linear_layout(weight: torch.Tensor, k: int, test: int, order: str = "natural
     ``rest``/``rest_w`` the others (zero weights past the nonzero ones), ``nonzero`` [N] the
     nonzero term counts, ``tested`` [N] the cost rule's verdict."""
     nonzero = weight != 0
-    first, rest = _first_and_rest(weight.abs(), k, order)
+    first, rest = first_and_rest(weight.abs(), k, order)
     counts = nonzero.sum(1)
     width = max(int(counts.max()) - k, 0) if counts.numel() else 0
     rest = rest[:, :width].contiguous()
@@ -137,7 +137,7 @@ def conv_layout(weight: torch.Tensor, k: int, test: int, order: str = "natural")
     first k channels and in all of them, per output channel."""
     cout, cin = weight.shape[:2]
     taps = (weight != 0).flatten(2).sum(2)  # [cout, cin]
-    first, _ = _first_and_rest(weight.abs().flatten(2).sum(2), k, order)
+    first, _ = first_and_rest(weight.abs().flatten(2).sum(2), k, order)
     counts = (taps > 0).sum(1)
     first_w = weight.gather(1, first[:, :, None, None].expand(-1, -1, *weight.shape[2:]))
     rest_w = weight.clone()
@@ -163,8 +163,11 @@ def _gathered_conv_sums(x, first, first_w, stride, padding, dilation):
 def sparse_relu_conv2d(x, first, first_w, rest_w, nonzero, tested, taps_first, taps_all, scale, offset,
                        stride, padding, dilation, k: int, test: int, critical: float, stats):
     """Early negative prediction for a 2-d convolution (groups 1) whose weight has zero
-    channel windows: output channel j's samples are its first k nonzero input channels, each
-    computed as one depthwise convolution over the gathered channels."""
+    channel windows, or whose terms are read in magnitude order: output channel j's samples
+    are its first k nonzero input channels (:func:`conv_layout`). The threshold test needs
+    only their sum: one convolution with every other channel's window zeroed (a dense
+    layer's wall-clock; the counters count the k terms). The stats test also needs their
+    squares: one depthwise convolution over the gathered channels per term."""
     cout = first.shape[0]
     if test == THRESHOLD:  # the sum only: one convolution with every other channel's window zeroed
         head = torch.zeros_like(rest_w).scatter_(1, first[:, :, None, None].expand_as(first_w), first_w)
