@@ -170,8 +170,8 @@ class CompiledModel(torch.nn.Module):
             executed = c["partial"] + c["test"] + c["remainder"]
             sites[report.name] = {
                 "kind": report.kind, "decision": report.decision, "n": report.n, "k": report.k,
-                "stages": report.stages, "test": report.test, "order": report.order, "calls": int(c["calls"]), "outputs": int(c["outputs"]),
-                "pruned": int(c["pruned"]),
+                "stages": report.stages, "test": report.test, "order": report.order, "calls": int(c["calls"]),
+                "outputs": int(c["outputs"]), "pruned": int(c["pruned"]),
                 "prune_rate": c["pruned"] / c["outputs"] if c["outputs"] else 0.0,
                 "dense_macs": c["dense"], "executed_macs": executed, "partial_macs": c["partial"],
                 "test_macs": c["test"], "remainder_macs": c["remainder"], "computed_macs": c["computed"],

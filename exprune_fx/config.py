@@ -226,7 +226,7 @@ class Config:
                 raise InputError(f"Config.sites[{name!r}] must be a SiteConfig or a dict")
             sites[name] = sc
         object.__setattr__(self, "sites", sites)
-        _check_combination(self.for_site(""), "Config")
+        _check_combination(self.for_site(""), "Config")  # "" names no site (fx names are non-empty): the globals
         for name in sites:
             _check_combination(self.for_site(name), f"Config.sites[{name!r}]")
 

@@ -40,7 +40,7 @@ from exprune_fx.config import Config, ResolvedSiteConfig
 from exprune_fx.runtime import ops  # noqa: F401  (registers torch.ops.exprune)
 from exprune_fx.runtime.counters import new_counters
 from exprune_fx.runtime.exact import sign_order
-from exprune_fx.runtime.sparse import conv_layout, first_and_rest, linear_layout
+from exprune_fx.runtime.sparse import conv_layout, first_and_rest, linear_layout, term_magnitude
 from exprune_fx.runtime.kernels import STATS, THRESHOLD, valid_k
 from .exchangeability import META_AXES
 from .rules import RuleContext
@@ -379,8 +379,9 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
-    by_magnitude = site.decision == "relu" and cfg.order == "magnitude" and before * after == 1
-    zeros = site.decision == "relu" and before * after == 1 and bool((weight == 0).any())
+    single = site.decision == "relu" and before * after == 1  # one element per term: sparse layouts apply
+    by_magnitude = single and cfg.order == "magnitude"
+    zeros = single and bool((weight == 0).any())
     if cfg.mode == "hybrid":
         if zeros:
             raise NotRewritable(_HYBRID_SPARSE)
@@ -456,8 +457,9 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, cout, 3, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(gm)))
-    by_magnitude = cfg.order == "magnitude" and unit == 1 and groups == 1
-    zero_windows = unit == 1 and groups == 1 and bool((weight.flatten(2) == 0).all(2).any())
+    single = unit == 1 and groups == 1  # one input channel per term: sparse layouts apply
+    by_magnitude = single and cfg.order == "magnitude"
+    zero_windows = single and bool((weight.flatten(2) == 0).all(2).any())
     if cfg.mode == "hybrid":
         if groups != 1:
             raise NotRewritable("hybrid mode: grouped convolutions are not rewritten yet")
@@ -488,7 +490,7 @@ def _hybrid_call(builder, op, x, weight, scale, offset, unit, cfg, test, counter
     magnitude order both are full width: each output's k largest terms, and the others."""
     if by_magnitude:
         builder.order = "magnitude"
-        magnitude = weight.abs().flatten(2).sum(2) if weight.dim() > 2 else weight.abs()
+        magnitude = term_magnitude(weight)
         first, _ = first_and_rest(magnitude, cfg.k, "magnitude")
         in_head = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(1, first, True)
         in_head = in_head.reshape(in_head.shape + (1,) * (weight.dim() - 2))

@@ -101,7 +101,8 @@ def test_magnitude_order_reads_each_outputs_largest_terms_and_is_reported():
     assert "rewritten, magnitude order" in by_magnitude.report()
     assert by_magnitude.exprune_stats()["sites"]["linear_1"]["order"] == "magnitude"
     h = model[1](model[0](x))
-    assert torch.all(h > 0) and torch.all(model[2](h) <= 0)  # every output of linear_1 is negative: pruning it all is right
+    # every output of linear_1 is negative: pruning it all is right
+    assert torch.all(h > 0) and torch.all(model[2](h) <= 0)
     assert natural.exprune_stats()["sites"]["linear_1"]["pruned"] == 0
     assert by_magnitude.exprune_stats()["sites"]["linear_1"]["prune_rate"] == 1.0
     with torch.no_grad():

@@ -48,6 +48,12 @@ def worth_testing(nonzero_terms: torch.Tensor, term_macs: torch.Tensor | float, 
 ORDERS = ("natural", "magnitude")
 
 
+def term_magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """Each output's term magnitudes [N, T]: ``|w|`` for a linear weight [N, K], an input
+    channel window's L1 norm for a conv weight [cout, cin, kh, kw]; 0 exactly for zero terms."""
+    return weight.abs() if weight.dim() == 2 else weight.abs().flatten(2).sum(2)
+
+
 def first_and_rest(magnitude: torch.Tensor, k: int, order: str):
     """Per output (row of ``magnitude`` [N, T], 0 exactly for zero-weight terms): the indices
     of its first k terms and of the others. ``"natural"``: nonzero terms in their original
@@ -71,7 +77,7 @@ def linear_layout(weight: torch.Tensor, k: int, test: int, order: str = "natural
     ``rest``/``rest_w`` the others (zero weights past the nonzero ones), ``nonzero`` [N] the
     nonzero term counts, ``tested`` [N] the cost rule's verdict."""
     nonzero = weight != 0
-    first, rest = first_and_rest(weight.abs(), k, order)
+    first, rest = first_and_rest(term_magnitude(weight), k, order)
     counts = nonzero.sum(1)
     width = max(int(counts.max()) - k, 0) if counts.numel() else 0
     rest = rest[:, :width].contiguous()
@@ -137,7 +143,7 @@ def conv_layout(weight: torch.Tensor, k: int, test: int, order: str = "natural")
     first k channels and in all of them, per output channel."""
     cout, cin = weight.shape[:2]
     taps = (weight != 0).flatten(2).sum(2)  # [cout, cin]
-    first, _ = first_and_rest(weight.abs().flatten(2).sum(2), k, order)
+    first, _ = first_and_rest(term_magnitude(weight), k, order)
     counts = (taps > 0).sum(1)
     first_w = weight.gather(1, first[:, :, None, None].expand(-1, -1, *weight.shape[2:]))
     rest_w = weight.clone()
