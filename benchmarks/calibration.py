@@ -38,12 +38,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tasks  # noqa: E402
 
 BUDGETS = {"negligible (0.1%)": 0.001, "1%": 0.01}
+PRICES = (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
 # label -> calibrate() arguments; "stats x3" is the sequential test (k, 2k, 4k)
 SEARCH = {"stats": {"test": "stats", "alphas": (0.01, 0.05, 0.2)},
           "stats x3": {"test": "stats", "alphas": (0.01, 0.05, 0.2), "stages": 3},
           "threshold": {"test": "threshold", "thresholds": (-0.02, -0.005, 0.0)},
           "threshold-magnitude": {"test": "threshold", "order": "magnitude",
-                                  "thresholds": (-0.16, -0.08, -0.04, -0.02, -0.01, 0.0)}}
+                                  "thresholds": (-0.16, -0.08, -0.04, -0.02, -0.01, 0.0)},
+          # one threshold per output, fitted on the validation data at each price
+          "fitted": {"test": "fitted", "prices": PRICES},
+          "fitted-magnitude": {"test": "fitted", "order": "magnitude", "prices": PRICES}}
 MODELS = [*tasks.CNNS, "gcn", "opt_lm"]
 
 
@@ -90,11 +94,19 @@ def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH, budge
                 "fraction_of_oracle": stats["reduction"] / oracle if oracle > 0 else 0.0,
                 "evaluations": result.report["evaluations"], "seconds": result.report["seconds"],
                 "sites": {n: s["prune_rate"] for n, s in stats["sites"].items()},
-                "config": {n: sc for n, sc in result.report["sites"].items() if sc.get("enabled")},
+                "config": {n: _summary(sc) for n, sc in result.report["sites"].items() if sc.get("enabled")},
                 "notes": task.notes,
             })
             print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("sites", "config", "notes")}))
     return rows
+
+
+def _summary(settings: dict) -> dict:
+    """A site's settings for the JSON: per-output thresholds as their count and how many prune."""
+    if settings.get("thresholds") is None:
+        return settings
+    values = settings["thresholds"]
+    return {**settings, "thresholds": f"{len(values)} per-output values, {sum(v > -1e30 for v in values)} finite"}
 
 
 def to_markdown(rows: list[dict]) -> str:

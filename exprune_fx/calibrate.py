@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import time
@@ -51,7 +52,9 @@ from tqdm.auto import tqdm
 from .compiler import CompiledModel, ExPruneWarning, Prepared, batch_rows
 from .config import Config, SiteConfig
 from .errors import InputError
+from .fitting import fit_thresholds
 from .lifting import normalize_inputs
+from .runtime import observe
 
 Metric = Callable[[Any, torch.Tensor], float]
 
@@ -130,6 +133,7 @@ def _site_saving(compiled: CompiledModel, site: str) -> float:
 def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], metric: Metric | None = None,
               max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
               test: str = "stats", thresholds: Sequence[float] = (-0.02, -0.01, 0.0),
+              prices: Sequence[float] = (0.05, 0.1, 0.2, 0.4),
               profile_fraction: float = 0.25, margin: float = 1.0, seed: int = 0, stages: int = 1,
               exact: bool = True, exact_k: int = 16, hybrid: bool = True, order: str = "natural",
               progress: bool = True) -> Calibration:
@@ -138,7 +142,11 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
     of the metric below the dense model's on ``data``. ``test="stats"`` searches ``alphas``;
     ``test="threshold"`` searches ``thresholds`` (in units of the folded per-term mean, so
-    their scale is model-specific). A step is kept when its drop plus ``margin`` standard
+    their scale is model-specific). ``test="fitted"`` gives every ReLU site with a compile-time
+    weight one threshold per output, fitted on the profile subset at each price in ``prices``
+    (:mod:`exprune_fx.fitting`: a larger price prunes more), and searches the prices; the
+    recording rides on the profile's nothing-pruned pass, so it costs no evaluation. Other
+    sites get no statistical setting under it. A step is kept when its drop plus ``margin`` standard
     errors (estimated from the batch-to-batch spread of the paired drops) stays within
     ``max_drop``: small calibration sets otherwise accept drops that were zero by chance.
     ``stages > 1`` calibrates the sequential test (ReLU sites test at k, then the outputs
@@ -159,12 +167,21 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
         raise InputError(f"margin must be a finite number >= 0 (got {margin!r})")
     if not 0 < profile_fraction <= 1:
         raise InputError(f"profile_fraction must be in (0, 1] (got {profile_fraction!r})")
-    if test not in ("stats", "threshold"):
-        raise InputError(f"test must be 'stats' or 'threshold' (got {test!r})")
-    Config(stages=stages, order=order, test=test)  # validates (order="magnitude" needs the threshold test)
-    grid = _Grid("alpha", tuple(alphas), 0.0) if test == "stats" else _Grid("threshold", tuple(thresholds), -math.inf)
-    for value in grid.values:
-        Config(**{grid.setting: value})  # validates
+    if test not in ("stats", "threshold", "fitted"):
+        raise InputError(f"test must be 'stats', 'threshold' or 'fitted' (got {test!r})")
+    if test == "fitted" and stages != 1:
+        raise InputError(f"test='fitted' fits one test per output (stages=1, got {stages})")
+    kernel_test = "threshold" if test == "fitted" else test
+    Config(stages=stages, order=order, test=kernel_test)  # validates (order="magnitude" needs the threshold test)
+    if test == "fitted":
+        grid = _Grid("price", tuple(prices), 0.0, fitted={})
+        if not grid.values or any(not (isinstance(p, (int, float)) and 0 < p < math.inf) for p in grid.values):
+            raise InputError(f"prices must be finite numbers > 0 (got {tuple(prices)!r})")
+    else:
+        grid = _Grid("alpha", tuple(alphas), 0.0) if test == "stats" else \
+            _Grid("threshold", tuple(thresholds), -math.inf)
+        for value in grid.values:
+            Config(**{grid.setting: value})  # validates
     batches = list(data() if callable(data) else data)
     if not batches or any(not (isinstance(b, (tuple, list)) and len(b) == 2) for b in batches):
         raise InputError("data must yield (inputs, labels) pairs, and at least one")
@@ -184,8 +201,8 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)
     # whole-model settings of the compiled model (zero-skip) carry over to every trial
-    base = Config(k=min(ks), test=test, stages=stages, zero_skip=compiled.config.zero_skip, order=order,
-                  **{grid.setting: grid.off})
+    base = Config(k=min(ks), test=kernel_test, stages=stages, zero_skip=compiled.config.zero_skip, order=order,
+                  **grid.settings(min(ks), "", grid.off))
     Config(k=exact_k)  # validates
     exact_variant = build(dataclasses.replace(base, k=exact_k, mode="exact")) if exact or hybrid else None
     exact_sites = [r.name for r in exact_variant.rewritten_sites] if exact_variant is not None else []
@@ -220,9 +237,30 @@ def _site_settings(sc: SiteConfig | None) -> dict:
 
 @dataclass(frozen=True)
 class _Grid:
-    setting: str  # "alpha" or "threshold"
+    setting: str  # "alpha", "threshold" or "price"
     values: tuple[float, ...]
     off: float  # the value that prunes nothing
+    fitted: dict | None = None  # test="fitted": (k, site, price) -> per-output thresholds
+
+    def settings(self, k: int, site: str, value: float) -> dict:
+        """The site settings that ``value`` of the grid stands for."""
+        if self.fitted is None:
+            return {self.setting: value}
+        if value == self.off:
+            return {"threshold": -math.inf}
+        return {"thresholds": self.fitted[(k, site, value)]}
+
+    def fit(self, k: int, variant: CompiledModel, record) -> list[str]:
+        """Fit every recorded site of ``variant`` at every price; the sites fitted."""
+        fitted = []
+        for report in variant.rewritten_sites:
+            samples = record.samples(getattr(variant.graph_module, report.counters))
+            if report.per_output is None or samples is None:
+                continue
+            for price in self.values:
+                self.fitted[(k, report.name, price)] = tuple(fit_thresholds(*samples, price).tolist())
+            fitted.append(report.name)
+        return fitted
 
 
 def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Grid, max_drop, progress):
@@ -232,26 +270,32 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
     Also the oracle bound per k (a perfect sign predictor on every site, on the subset)."""
     candidates, oracle = [], {}
     variants = [(k, build(dataclasses.replace(base, k=k))) for k in ks]
-    for k, variant in variants:  # nothing pruned: every negative output is counted
+    tunable = {}  # per k: the sites the grid applies to
+    for k, variant in variants:  # nothing pruned: every negative output is counted (and, to fit, recorded)
         variant.reset_stats()
-        evaluate(variant, subset)
+        with observe.recording() if grid.fitted is not None else contextlib.nullcontext() as record:
+            evaluate(variant, subset)
         oracle[k] = variant.exprune_stats()["oracle_reduction"]
+        names = [r.name for r in variant.rewritten_sites]
+        tunable[k] = grid.fit(k, variant, record) if grid.fitted is not None else names
     values = sorted(grid.values)  # a larger alpha or threshold prunes more
-    bar = tqdm(total=sum(len(v.rewritten_sites) for _, v in variants) * len(values), desc="profiling sites",
+    bar = tqdm(total=sum(len(t) for t in tunable.values()) * len(values), desc="profiling sites",
                disable=not progress)
     for k, variant in variants:
-        for site in (r.name for r in variant.rewritten_sites):
+        for site in tunable[k]:
             for i, value in enumerate(values):
-                variant.retune(site, **{grid.setting: value})
+                settings = grid.settings(k, site, value)
+                variant.retune(site, **settings)
                 variant.reset_stats()
                 drop = dense_subset - evaluate(variant, subset)
                 candidates.append({"site": site, "k": k, "mode": variant.config.for_site(site).mode,
-                                   grid.setting: value, "drop": drop, "saving": _site_saving(variant, site)})
+                                   grid.setting: value, "settings": settings, "drop": drop,
+                                   "saving": _site_saving(variant, site)})
                 bar.update(1)
                 if drop > max_drop:
                     bar.update(len(values) - i - 1)
                     break
-            variant.retune(site, **{grid.setting: grid.off})
+            variant.retune(site, **grid.settings(k, site, grid.off))
     bar.close()
     return candidates, oracle
 
@@ -320,7 +364,7 @@ def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batch
     bar = tqdm(total=2 * len(sites) + 1, desc="allocating", disable=not progress)
 
     def apply(config: Config, c: dict) -> Config:
-        settings = {"mode": c["mode"]} if c["mode"] == "exact" else {"mode": c["mode"], grid.setting: c[grid.setting]}
+        settings = {"mode": c["mode"]} if c["mode"] == "exact" else {"mode": c["mode"], **c["settings"]}
         return config.with_site(c["site"], enabled=True, k=c["k"], **settings)
 
     def verify(config: Config, last: dict, phase: str) -> bool:

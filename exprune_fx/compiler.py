@@ -138,20 +138,34 @@ class CompiledModel(torch.nn.Module):
         return getattr(self.graph_module, report.counters)
 
     def retune(self, site: str, **settings) -> None:
-        """Change a rewritten site's ``alpha`` / ``threshold`` / ``test`` in place (no recompile):
-        its critical value is a buffer of the graph. ``k`` and ``enabled`` need a recompile."""
+        """Change a rewritten site's ``alpha``, ``threshold`` or per-output ``thresholds`` (a
+        ReLU site's, one per output feature or channel) in place, without recompiling: its
+        critical value is a buffer of the graph. ``k``, ``test`` and ``enabled`` need a recompile."""
         report = next((r for r in self.rewritten_sites if r.name == site), None)
         if report is None:
             raise InputError(f"{site!r} is not a rewritten site; rewritten: {[r.name for r in self.rewritten_sites]}")
         if report.critical is None:
             raise InputError(f"{site!r} runs in exact mode: it has no alpha or threshold to retune")
-        bad = set(settings) - {"alpha", "threshold"}
+        bad = set(settings) - {"alpha", "threshold", "thresholds"}
         if bad:
-            raise InputError(f"retune() changes alpha and threshold only (got {sorted(bad)}); recompile for k or enabled")
+            raise InputError(f"retune() changes alpha, threshold and thresholds only (got {sorted(bad)}); "
+                             f"recompile for k, test or enabled")
         config = self.config.with_site(site, **settings)  # validates the values
         resolved = config.for_site(site)
-        value = resolved.critical if report.decision == "relu" else resolved.dominance_critical(report.classes)
-        getattr(self.graph_module, report.critical).fill_(value)
+        buffer = getattr(self.graph_module, report.critical)
+        if resolved.thresholds is None:
+            value = resolved.critical if report.decision == "relu" else resolved.dominance_critical(report.classes)
+            buffer.fill_(value)
+        else:
+            if report.per_output is None:
+                raise InputError(f"{site!r}: per-output thresholds apply to ReLU sites with a compile-time weight")
+            if len(resolved.thresholds) != report.per_output:
+                raise InputError(f"{site!r} has {report.per_output} outputs; got {len(resolved.thresholds)} thresholds")
+            value = torch.tensor(resolved.thresholds, dtype=buffer.dtype, device=buffer.device)
+            if buffer.shape == value.shape:
+                buffer.copy_(value)
+            else:  # a 0-d critical value becomes a vector: the graph reads the buffer by name
+                self.graph_module.register_buffer(report.critical, value)
         self.config = config
 
     def reset_stats(self) -> None:
@@ -170,7 +184,9 @@ class CompiledModel(torch.nn.Module):
             executed = c["partial"] + c["test"] + c["remainder"]
             sites[report.name] = {
                 "kind": report.kind, "decision": report.decision, "n": report.n, "k": report.k,
-                "stages": report.stages, "test": report.test, "order": report.order, "calls": int(c["calls"]),
+                "stages": report.stages, "test": report.test, "order": report.order,
+                "per_output_thresholds": _per_output(report, self.config),
+                "calls": int(c["calls"]),
                 "outputs": int(c["outputs"]), "pruned": int(c["pruned"]),
                 "prune_rate": c["pruned"] / c["outputs"] if c["outputs"] else 0.0,
                 "dense_macs": c["dense"], "executed_macs": executed, "partial_macs": c["partial"],
@@ -223,7 +239,7 @@ class CompiledModel(torch.nn.Module):
             rate = f"{counted['prune_rate']:.1%}" if counted.get("calls") else "-"
             lines.append(f"{s.name:<{width}} {s.kind:<9} {s.decision or '-':<8} {s.n or '-':>5} "
                          f"{s.k if s.rewritten else '-':>4} {rate:>10}  "
-                         f"{_status(s)}")
+                         f"{_status(s, self.config)}")
         if not stats["calls"]:
             lines.append("whole model: no calls counted yet (run the compiled model, then report)")
         else:
@@ -239,10 +255,16 @@ class CompiledModel(torch.nn.Module):
         return "\n".join(lines)
 
 
-def _status(site: SiteReport) -> str:
+def _status(site: SiteReport, config) -> str:
     if not site.rewritten:
         return f"dense: {site.reason}"
-    return "rewritten" + (", magnitude order" if site.order == "magnitude" else "")
+    return "rewritten" + (", magnitude order" if site.order == "magnitude" else "") + \
+        (", per-output thresholds" if _per_output(site, config) else "")
+
+
+def _per_output(site: SiteReport, config) -> bool:
+    """Whether a rewritten site tests against one threshold per output."""
+    return site.per_output is not None and config.for_site(site.name).thresholds is not None
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

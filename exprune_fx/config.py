@@ -32,11 +32,17 @@
   natural order (docs/benchmarks.md). It applies to ReLU sites whose terms are single
   elements (linear, or groups-1 convolutions over whole channels) with a compile-time
   weight; other sites keep the natural order, and each site's report says which it uses.
+* ``thresholds`` (per site only, default None): one threshold per output feature (linear) or
+  output channel (convolution) of a ReLU site with a compile-time weight, in place of the
+  site's single ``threshold`` (threshold test; statistical or hybrid mode). Outputs differ in
+  scale and in how well k terms predict them, so one value per site is a compromise;
+  :func:`exprune_fx.calibrate` fits these from data (``test="fitted"``). ``-inf`` never
+  prunes that output.
 * ``interval`` (default 32): the check interval of hybrid mode's exact remainder (every
   check is counted, so a short interval pays more checks than it saves).
 * ``sites``: per-site overrides keyed by site name, each a :class:`SiteConfig` or a dict
-  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``, ``stages``, ``mode``,
-  ``interval``.
+  with any of ``enabled``, ``k``, ``test``, ``alpha``, ``threshold``, ``thresholds``,
+  ``stages``, ``mode``, ``interval``, ``order``.
 * ``zero_skip`` (default False): zero-skip propagation (``passes/zero_skip.py``). After the
   ExPrune rewrite, every linear layer with a static weight whose input is a ReLU output
   (an ExPrune site's, or a plain ReLU's) sums only the weight rows of its nonzero inputs
@@ -63,7 +69,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from statistics import NormalDist
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import torch
 
 from .errors import InputError
 
@@ -107,8 +115,25 @@ def _check_order(order: Any, where: str) -> None:
         raise InputError(f"{where}.order must be one of {ORDERS} (got {order!r})")
 
 
+def _check_thresholds(thresholds: Any, where: str) -> tuple[float, ...]:
+    """One float per output, +/-inf allowed; returned as a tuple of floats."""
+    if isinstance(thresholds, torch.Tensor):
+        thresholds = thresholds.detach().cpu().reshape(-1).tolist()
+    if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence) or not thresholds:
+        raise InputError(f"{where}.thresholds must be a non-empty sequence of floats, one per output "
+                         f"(got {type(thresholds).__name__})")
+    for i, t in enumerate(thresholds):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t):
+            raise InputError(f"{where}.thresholds[{i}] must be a float, +/-inf allowed (got {t!r})")
+    return tuple(float(t) for t in thresholds)
+
+
 def _check_combination(resolved: "ResolvedSiteConfig", where: str) -> None:
     """Settings that are valid alone but not together."""
+    if resolved.thresholds is not None and resolved.mode != "exact" and resolved.test != "threshold":
+        raise InputError(f"{where}: thresholds (per output) need test='threshold' (got test={resolved.test!r})")
+    if resolved.thresholds is not None and resolved.stages != 1 and resolved.mode == "statistical":
+        raise InputError(f"{where}: thresholds (per output) are fitted for one test (stages=1, got {resolved.stages})")
     if resolved.order != "magnitude" or resolved.mode == "exact":
         return
     if resolved.test != "threshold":
@@ -136,9 +161,12 @@ class SiteConfig:
     mode: str | None = None
     interval: int | None = None
     order: str | None = None
+    thresholds: tuple[float, ...] | None = None
 
     def __post_init__(self):
         where = "SiteConfig"
+        if self.thresholds is not None:
+            object.__setattr__(self, "thresholds", _check_thresholds(self.thresholds, where))
         if self.order is not None:
             _check_order(self.order, where)
         if self.interval is not None:
@@ -170,10 +198,12 @@ class ResolvedSiteConfig:
     mode: str = "statistical"
     interval: int = 32
     order: str = "natural"
+    thresholds: tuple[float, ...] | None = None
 
     @property
     def critical(self) -> float:
-        """The value the op compares against: Phi^-1(alpha) (stats) or the threshold."""
+        """The value the op compares against: Phi^-1(alpha) (stats) or the threshold (the
+        per-output ``thresholds``, where given, replace it at a ReLU site)."""
         if self.test == "threshold":
             return float(self.threshold)
         return -math.inf if self.alpha <= 0 else NormalDist().inv_cdf(self.alpha)
@@ -236,10 +266,13 @@ class Config:
         return ResolvedSiteConfig(pick(sc.enabled, True), pick(sc.k, self.k), pick(sc.test, self.test),
                                   pick(sc.alpha, self.alpha), pick(sc.threshold, self.threshold),
                                   pick(sc.stages, self.stages), pick(sc.mode, self.mode),
-                                  pick(sc.interval, self.interval), pick(sc.order, self.order))
+                                  pick(sc.interval, self.interval), pick(sc.order, self.order), sc.thresholds)
 
     def with_site(self, name: str, **settings: Any) -> "Config":
-        """A copy with ``settings`` overriding site ``name``."""
+        """A copy with ``settings`` overriding site ``name`` (a new ``threshold`` drops the
+        site's per-output ``thresholds``, unless they are given too)."""
+        if "threshold" in settings:
+            settings.setdefault("thresholds", None)
         sites = dict(self.sites)
         sites[name] = replace(sites.get(name, SiteConfig()), **settings)
         return replace(self, sites=sites)

@@ -47,7 +47,25 @@ _META = "exprune.json"
 def _config_to_json(config: Config) -> dict:
     return {"k": config.k, "test": config.test, "alpha": config.alpha, "threshold": _num(config.threshold),
             "stages": config.stages, "mode": config.mode, "zero_skip": config.zero_skip, "interval": config.interval,
-            "order": config.order, "sites": {name: dataclasses.asdict(sc) for name, sc in config.sites.items()}}
+            "order": config.order, "sites": {name: _site_to_json(sc) for name, sc in config.sites.items()}}
+
+
+def _site_to_json(sc: SiteConfig) -> dict:
+    data = dataclasses.asdict(sc)
+    if sc.threshold is not None:
+        data["threshold"] = _num(sc.threshold)
+    if sc.thresholds is not None:
+        data["thresholds"] = [_num(t) for t in sc.thresholds]
+    return data
+
+
+def _site_from_json(data: dict) -> SiteConfig:
+    data = dict(data)
+    if data.get("threshold") is not None:
+        data["threshold"] = float(data["threshold"])
+    if data.get("thresholds") is not None:
+        data["thresholds"] = tuple(float(t) for t in data["thresholds"])
+    return SiteConfig(**data)
 
 
 def _num(x: float) -> Any:
@@ -55,8 +73,7 @@ def _num(x: float) -> Any:
 
 
 def _config_from_json(data: dict) -> Config:
-    sites = {name: SiteConfig(**{k: (float(v) if k == "threshold" and isinstance(v, str) else v)
-                                 for k, v in sc.items()}) for name, sc in data["sites"].items()}
+    sites = {name: _site_from_json(sc) for name, sc in data["sites"].items()}
     return Config(k=data["k"], test=data["test"], alpha=data["alpha"], threshold=float(data["threshold"]),
                   sites=sites, stages=data.get("stages", 1), mode=data.get("mode", "statistical"),
                   zero_skip=data.get("zero_skip", False), interval=data.get("interval", 32),

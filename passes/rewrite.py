@@ -37,6 +37,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from exprune_fx.config import Config, ResolvedSiteConfig
+from exprune_fx.errors import InputError
 from exprune_fx.runtime import ops  # noqa: F401  (registers torch.ops.exprune)
 from exprune_fx.runtime.counters import new_counters
 from exprune_fx.runtime.exact import sign_order
@@ -64,10 +65,11 @@ class SiteReport:
     rewritten: bool
     reason: str | None = None
     counters: str | None = None  # buffer name of the site's counters on the graph module
-    critical: str | None = None  # buffer name of the site's critical value (0-d tensor)
+    critical: str | None = None  # buffer name of the site's critical value (0-d, or one per output)
     classes: int | None = None  # output features of an argmax site (for its Bonferroni z)
     stages: int = 1  # sequential test stages (k, 2k, ...); argmax sites test once
     order: str = "natural"  # which terms the test reads first (Config.order; "magnitude" where it applied)
+    per_output: int | None = None  # how many per-output thresholds it takes (features or channels); None: none
 
 
 class NotRewritable(Exception):
@@ -89,11 +91,11 @@ def rewrite_sites(gm: GraphModule, analysis, config: Config) -> list[SiteReport]
         reason = _precheck(site, cfg)
         if reason is None:
             try:
-                prefix, classes, terms, order = _rewrite_one(gm, site, lifted_nodes, cfg, index)
+                prefix, classes, terms, order, outputs = _rewrite_one(gm, site, lifted_nodes, cfg, index)
                 reports.append(SiteReport(**{**base, "n": terms or site.n}, rewritten=True,
                                           counters=f"{prefix}_counters",
                                           critical=None if exact else f"{prefix}_critical", classes=classes,
-                                          order=order))
+                                          order=order, per_output=outputs))
                 continue
             except NotRewritable as exc:
                 reason = str(exc)
@@ -126,9 +128,11 @@ class _Builder:
 
     def __init__(self, gm: GraphModule, site: Site, index: int, before: Node):
         self.gm, self.prefix, self.before = gm, f"exprune_{index}_{site.name}", before
+        self.site_name = site.name
         self.nodes: list[Node] = []
         self.buffers: list[str] = []
         self.order = "natural"  # set to "magnitude" by a call that reorders each output's terms
+        self.outputs: int | None = None  # set by a call whose test takes one threshold per output
 
     def buffer(self, suffix: str, value: torch.Tensor) -> Node:
         name = f"{self.prefix}_{suffix}"
@@ -287,7 +291,8 @@ def _largest_free(factors: list[tuple[int, int, bool]]) -> tuple[int, int, int]:
 
 def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteConfig, index: int):
     """Rewrite one site; return (buffer prefix, classes of an argmax site, terms per output
-    of an exact-mode site, the term order its test reads)."""
+    of an exact-mode site, the term order its test reads, the number of per-output thresholds
+    it takes or None)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     if any(c not in nodes for c in site.chain):
         raise NotRewritable("the site is not in the runnable graph")
@@ -313,7 +318,7 @@ def _rewrite_one(gm: GraphModule, site: Site, lifted: dict, cfg: ResolvedSiteCon
         if not old.users:
             gm.graph.erase_node(old)
     classes = RuleContext.shape(value)[-1] if site.decision == "argmax" else None
-    return builder.prefix, classes, terms, builder.order
+    return builder.prefix, classes, terms, builder.order, builder.outputs
 
 
 def _fold_epilogue(aff: _Affine, chain: list[Node], value: Node) -> None:
@@ -393,12 +398,15 @@ def _matmul_call(gm, builder, chain, value, site, aff, cfg, test) -> Node:
         layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(linear_layout(weight, cfg.k, test,
                                                                                          builder.order))]
         return builder.call(torch.ops.exprune.sparse_relu_matmul.default, x, *layout, scale, offset, cfg.k, test,
-                            _critical(builder, cfg.critical), counters)
+                            _relu_critical(builder, cfg, features), counters)
     if w_node is None:  # reordered: a buffer replaces the parameter (which the graph no longer reads)
         w_node = builder.buffer("weight", weight.contiguous())
     if site.decision == "relu":
         return builder.call(torch.ops.exprune.relu_linear.default, x, w_node, scale, offset, before * after, cfg.k,
-                            test, _critical(builder, cfg.critical), counters, cfg.stages)
+                            test, _relu_critical(builder, cfg, features), counters, cfg.stages)
+    if cfg.thresholds is not None:
+        raise InputError(f"Config.sites[{site.name!r}].thresholds: per-output thresholds apply to ReLU sites; "
+                         f"{site.name} feeds an argmax (use threshold)")
     return builder.call(torch.ops.exprune.argmax_matmul.default, x, w_node, scale, offset, before * after, cfg.k,
                         test, _critical(builder, cfg.dominance_critical(features)), counters)
 
@@ -418,6 +426,9 @@ def _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test) -> Node:
     scale = builder.buffer("scale", _feature_vector(aff.a, features, 1, "scale"))
     offset = _offset(builder, aff)
     counters = builder.buffer("counters", new_counters(_device(builder.gm)))
+    if cfg.thresholds is not None:
+        raise InputError(f"Config.sites[{site.name!r}].thresholds: per-output thresholds need a compile-time "
+                         f"weight; {site.name} multiplies two run-time values (use threshold)")
     weight = builder.call(aten.transpose.int, right, -1, -2)
     return builder.call(torch.ops.exprune.relu_matmul.default, x, weight, scale, offset, after, cfg.k, test,
                         _critical(builder, cfg.critical), counters, cfg.stages)
@@ -426,6 +437,18 @@ def _dynamic_matmul_call(builder, chain, value, site, aff, cfg, test) -> Node:
 def _critical(builder: _Builder, value: float) -> Node:
     """The site's critical value as a 0-d buffer, so that it can be retuned in place."""
     return builder.buffer("critical", torch.tensor(value, dtype=torch.float64))
+
+
+def _relu_critical(builder: _Builder, cfg: ResolvedSiteConfig, outputs: int) -> Node:
+    """A ReLU site's critical value: 0-d, or its per-output thresholds (one per output feature
+    or channel, ``SiteConfig.thresholds``), as a buffer that can be retuned in place."""
+    builder.outputs = outputs
+    if cfg.thresholds is None:
+        return _critical(builder, cfg.critical)
+    if len(cfg.thresholds) != outputs:
+        raise InputError(f"Config.sites[{builder.site_name!r}].thresholds has {len(cfg.thresholds)} values; the site has "
+                         f"{outputs} outputs (features or channels): give one threshold per output")
+    return builder.buffer("critical", torch.tensor(cfg.thresholds, dtype=torch.float64))
 
 
 def _offset(builder: _Builder, aff: _Affine) -> Node | None:
@@ -473,10 +496,10 @@ def _conv_call(gm, builder, chain, value, lifted_node, aff, cfg, test) -> Node:
         layout = [builder.buffer(f"sparse_{i}", t) for i, t in enumerate(conv_layout(weight, cfg.k, test,
                                                                                        builder.order))]
         return builder.call(torch.ops.exprune.sparse_relu_conv2d.default, x, *layout, scale, offset, stride, padding,
-                            dilation, cfg.k, test, _critical(builder, cfg.critical), counters)
+                            dilation, cfg.k, test, _relu_critical(builder, cfg, cout), counters)
     return builder.call(torch.ops.exprune.relu_conv2d.default, x, w_node, scale, offset, stride,
                         padding, dilation, groups, unit, cfg.k, test,
-                        _critical(builder, cfg.critical), counters, cfg.stages)
+                        _relu_critical(builder, cfg, cout), counters, cfg.stages)
 
 
 _HYBRID_SPARSE = ("hybrid mode: a weight with pruned (zero) terms takes the sparse kernel, which samples "
@@ -503,8 +526,8 @@ def _hybrid_call(builder, op, x, weight, scale, offset, unit, cfg, test, counter
     nodes = [builder.buffer("head", head.contiguous()), scale, offset,
              builder.buffer("positive", positive.reshape(rest.shape).to(weight.dtype)), builder.buffer("order", order),
              builder.buffer("negative", negative.to(weight.dtype)), builder.buffer("count", count)]
-    return builder.call(op, x, *nodes, *geometry, unit, cfg.k, test, _critical(builder, cfg.critical), cfg.interval,
-                        counters)
+    return builder.call(op, x, *nodes, *geometry, unit, cfg.k, test, _relu_critical(builder, cfg, weight.shape[0]),
+                        cfg.interval, counters)
 
 
 def _site_factors(lifted_node: Node) -> tuple:

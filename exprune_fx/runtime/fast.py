@@ -160,8 +160,9 @@ def relu_linear(x2, weight, scale, offset, unit: int, ks: list[int], test: int, 
         return None
     off = torch.empty(0) if offset is None else offset  # [M, N], broadcast axes of stride 0
     x2, scale = x2.contiguous(), scale.to(torch.float32).contiguous()
+    crit = torch.as_tensor(critical, dtype=torch.float32).reshape(-1)  # one value, or one per output
     if kernel == ROW:
-        return ext.relu_linear(x2, weight, scale, off, unit, ks, test, float(critical), stats)
+        return ext.relu_linear(x2, weight, scale, off, unit, ks, test, crit, stats)
     if kernel == BLAS:
-        return ext.relu_linear_dense(x2, weight, scale, off, unit, ks[0], test, float(critical), stats)
+        return ext.relu_linear_dense(x2, weight, scale, off, unit, ks[0], test, crit, stats)
     return ext.linear_dense(x2, weight, scale, off, stats)

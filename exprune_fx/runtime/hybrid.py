@@ -44,9 +44,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import observe
 from .counters import add
 from .exact import conv_blocks, matmul_blocks
-from .kernels import STATS, _conv_term_sums, _decide_negative, _flatten_offset, _term_mean, _term_sums
+from .kernels import (STATS, _conv_term_sums, _decide_negative, _flatten_offset, _term_mean, _term_sums,
+                      per_channel)
 
 
 def hybrid_relu_linear(x, head, scale, offset, positive, order, negative, count, unit: int, k: int, test: int,
@@ -64,9 +66,11 @@ def hybrid_relu_linear(x, head, scale, offset, positive, order, negative, count,
     else:
         s1, s2 = _term_sums(x2[:, :kh], head, k, unit, test)
         x_rest = x2[:, kh:]
-    pruned = _decide_negative(_term_mean(s1, a, c, k, big_k // unit), s1, s2, a, k, big_k // unit, test, critical)
+    mean = _term_mean(s1, a, c, k, big_k // unit)
+    pruned = _decide_negative(mean, s1, s2, a, k, big_k // unit, test, critical)
     running = torch.addcmul(c, a, s1).add_(x_rest @ positive.T)
     stopped, consumed, checks, blocks = matmul_blocks(x_rest, running, order, negative, count, interval, pruned)
+    observe.add(stats, mean, running, -1)  # a stopped output's partial sum is negative, as its z is
     kept_per_column = (~pruned).sum(0)
     _count(stats, running, pruned, stopped, consumed, checks, kept_per_column, positive, kh, big_k, k, test,
            computed=m * n_out * big_k + blocks)
@@ -89,10 +93,12 @@ def hybrid_relu_conv2d(x, head, scale, offset, positive, order, negative, count,
         x_rest = x[:, kc:].contiguous()  # read once per block convolution: copy it once
     a = scale.to(x.dtype).view(1, cout, 1, 1)
     c = torch.zeros((), dtype=x.dtype, device=x.device) if offset is None else offset.to(x.dtype).expand_as(s1)
-    pruned = _decide_negative(_term_mean(s1, a, c, k, n), s1, s2, a, k, n, test, critical)
+    mean = _term_mean(s1, a, c, k, n)
+    pruned = _decide_negative(mean, s1, s2, a, k, n, test, per_channel(critical))
     running = torch.addcmul(c, a, s1).add_(F.conv2d(x_rest, positive, None, stride, padding, dilation))
     stopped, consumed, checks, blocks = conv_blocks(x_rest, running, positive.shape, order, negative, count, stride,
                                                     padding, dilation, interval, pruned)
+    observe.add(stats, mean, running, 1)
     per_map = s1.shape[0] * s1.shape[2] * s1.shape[3]
     kept_per_channel = (~pruned).sum((0, 2, 3))
     taps = head[0, 0].numel()

@@ -7,7 +7,8 @@ Each kernel
 1. computes the first ``k`` terms of every output (one matmul or convolution) and the sum of
    their squares, without a Python loop over terms;
 2. tests every output (``test`` 0 = stats, 1 = threshold; ``critical`` is ``Phi^-1(alpha)``
-   or the threshold for ReLU sites, the Bonferroni z or margin for argmax sites);
+   or the threshold for ReLU sites, one value or one per output (feature or channel), the
+   Bonferroni z or margin for argmax sites);
 3. computes the remaining ``n - k`` terms only where needed: for the output columns (linear)
    or channels (conv) that have a surviving output anywhere in the batch, or for the rows of
    an argmax site that did not stop.
@@ -37,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import fast
+from . import fast, observe
 from .counters import add
 
 STATS, THRESHOLD = 0, 1
@@ -59,6 +60,12 @@ def _decide_negative(mean, s1, s2, scale, k: int, n: int, test: int, critical: f
     var_xi = (s2 - s1 * s1 / k).clamp_min(0) / (k - 1)
     se = (scale * scale * var_xi / k * ((n - k) / (n - 1))).sqrt()
     return mean < critical * se
+
+
+def per_channel(critical):
+    """A site's critical value for tests on [B, C, H, W]: one value, or one per output channel
+    ([C] viewed as [C, 1, 1], so that it broadcasts over channels, not widths)."""
+    return critical.view(-1, 1, 1) if isinstance(critical, torch.Tensor) and critical.dim() == 1 else critical
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -143,6 +150,8 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
         out[:, cols] = torch.where(keep[:, cols], z, 0)
         rest_macs = m * cols.numel() * (big_k - ku)
     _count_relu(stats, pruned, used, tested, unit, big_k, test, computed[0] + rest_macs, out, k)
+    if observe.active() and len(ks) == 1:
+        observe.add(stats, _term_mean(s1, a, c, k, n), out, -1)
     return out.reshape(lead + (n_out,))
 
 
@@ -251,6 +260,7 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     ks = stage_ks(k, n, stages)
     xg = x.view(b, g, cin_g, h, w)
     wg = weight.view(g, cout_g, cin_g, kh, kw)
+    critical = per_channel(critical)
     s1, s2 = _conv_term_sums(xg[:, :, :k * unit], wg[:, :, :k * unit], k, unit, test, stride, padding, dilation)
     out_hw = s1.shape[-2:]
     per_map = b * out_hw[0] * out_hw[1] * kh * kw  # MACs per output channel and input channel
@@ -292,6 +302,8 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
         out[:, chans] = torch.where(keep[:, chans], z, 0)
         rest = chans.numel() * (cin_g - kc) * per_map
     _count_relu(stats, pruned, used, tested, unit * kh * kw, cin_g * kh * kw, test, computed[0] + rest, out, k)
+    if observe.active() and len(ks) == 1:
+        observe.add(stats, _term_mean(s1, a, c, k, n), out, 1)
     return out
 
 

@@ -1,7 +1,8 @@
 """``torch.ops.exprune.*``: the early-exit kernels as operators of the ``exprune`` library.
 
-``critical`` is a 0-d tensor (a buffer of the rewritten graph, so that a site can be retuned
-without recompiling). Each op mutates only its ``stats`` counter tensor (``Tensor(a!)`` in its
+``critical`` is a buffer of the rewritten graph, so that a site can be retuned without
+recompiling: 0-d, or for a ReLU site's threshold test one value per output feature or channel
+(``SiteConfig.thresholds``). Each op mutates only its ``stats`` counter tensor (``Tensor(a!)`` in its
 schema) and returns a new tensor; its fake implementation gives the output's shape and dtype,
 so a rewritten graph can be printed, exported with torch.export and compiled by inductor
 (which treats the op as opaque).

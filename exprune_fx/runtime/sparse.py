@@ -34,8 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import observe
 from .counters import add
-from .kernels import _CHUNK_ELEMENTS, STATS, THRESHOLD, _decide_negative, _wide
+from .kernels import _CHUNK_ELEMENTS, STATS, THRESHOLD, _decide_negative, _wide, per_channel
 
 
 
@@ -130,6 +131,7 @@ def sparse_relu_matmul(x, first, first_w, rest, rest_w, nonzero, tested, scale, 
         partial=m * first_macs.sum(), test=test_macs, remainder=remainder,
         computed=m * first_macs.sum() + test_macs + m * cols.numel() * rest.shape[1],
         negative=(out < 0).sum())
+    observe.add(stats, mean, out, -1)
     return out.reshape(lead + (n_out,))
 
 
@@ -183,7 +185,8 @@ def sparse_relu_conv2d(x, first, first_w, rest_w, nonzero, tested, taps_first, t
     a = scale.to(x.dtype).view(1, cout, 1, 1)
     c = torch.zeros((), dtype=x.dtype, device=x.device) if offset is None else offset.to(x.dtype).expand_as(s1)
     n = nonzero.clamp_min(k + 1).to(s1.dtype).view(1, cout, 1, 1)
-    pruned = _decide_negative(s1 * (a / k) + c / n, s1, s2, a, k, n, test, critical) & tested.view(1, cout, 1, 1)
+    mean = s1 * (a / k) + c / n
+    pruned = _decide_negative(mean, s1, s2, a, k, n, test, per_channel(critical)) & tested.view(1, cout, 1, 1)
     keep = ~pruned
     chans = keep.any(3).any(2).any(0).nonzero().squeeze(1)
     out = torch.zeros_like(s1)
@@ -199,4 +202,5 @@ def sparse_relu_conv2d(x, first, first_w, rest_w, nonzero, tested, taps_first, t
         partial=per_map * taps_first.sum(), test=test_macs, remainder=remainder,
         computed=per_map * taps_first.sum() + test_macs + per_map * chans.numel() * rest_w[0].numel(),
         negative=(out < 0).sum())
+    observe.add(stats, mean, out, 1)
     return out

@@ -100,16 +100,27 @@ Offset offset_view(const at::Tensor& offset) {
   return o;
 }
 
+// A site's critical value: one float32 for every output, or one per output.
+struct Critical {
+  const float* p;
+  int64_t stride;
+  Critical(const at::Tensor& critical, int64_t n_out) : p(critical.data_ptr<float>()), stride(critical.numel() == 1 ? 0 : 1) {
+    TORCH_CHECK(critical.is_contiguous() && (critical.numel() == 1 || critical.numel() == n_out),
+                "critical: one value or one per output");
+  }
+  float operator[](int64_t j) const { return p[j * stride]; }
+};
+
 }  // namespace
 
 // Early negative prediction for relu(a * (x @ w.T) + c), w = [head | rest] with head its first
-// kh = k*unit columns. Returns z with pruned outputs 0. `ks` are the
-// stage term counts (k, 2k, ...); test 0 = stats (mean < critical * se), 1 = threshold
-// (mean < critical). Work is split in blocks of outputs; for each output every row is tested,
-// then the surviving rows get their remainders four rows at a time.
+// kh = k*unit columns. Returns z with pruned outputs 0. `ks` are the stage term counts
+// (k, 2k, ...); test 0 = stats (mean < critical * se), 1 = threshold (mean < critical), with
+// `critical` one float32 value or one per output. Work is split in blocks of outputs; for each
+// output every row is tested, then the surviving rows get their remainders four rows at a time.
 at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                       const at::Tensor& offset, int64_t unit, std::vector<int64_t> ks, int64_t test, double critical,
-                       at::Tensor counters) {
+                       const at::Tensor& offset, int64_t unit, std::vector<int64_t> ks, int64_t test,
+                       const at::Tensor& critical, at::Tensor counters) {
   const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0), ldw = weight.stride(0);
   const int64_t n = big_k / unit, k = ks.front(), kh = k * unit, kr = big_k - kh;
   auto out = at::empty({m, n_out}, x.options());
@@ -120,7 +131,7 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   float* op = out.data_ptr<float>();
   const Offset c = offset_view(offset);
   const bool stats = test == 0;
-  const float crit = static_cast<float>(critical);
+  const Critical crit(critical, n_out);
   const int64_t skip = (ks.back() - k) * unit;  // rest columns every survivor has consumed
   // per stage: 1/stage and the variance factor 1/(stage (stage-1)) (n-stage)/(n-1)
   std::vector<float> inv(ks.size()), fpc(ks.size());
@@ -161,9 +172,9 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
             const float mean = a * a1 * inv[q] + cij * inv_n;
             if (stats) {
               const float se = std::sqrt(a * a * std::max(a2 - a1 * a1 * inv[q], 0.0f) * fpc[q]);
-              pruned = mean < crit * se;
+              pruned = mean < crit[j] * se;
             } else {
-              pruned = mean < crit;
+              pruned = mean < crit[j];
             }
             if (pruned) break;
           }
@@ -227,8 +238,8 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 // pass tests, applies the epilogue, zeroes the pruned outputs and counts. Single stage; the
 // stats test needs unit == 1 (its squares are per term).
 at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                             const at::Tensor& offset, int64_t unit, int64_t k, int64_t test, double critical,
-                             at::Tensor counters) {
+                             const at::Tensor& offset, int64_t unit, int64_t k, int64_t test,
+                             const at::Tensor& critical, at::Tensor counters) {
   const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0), kh = k * unit, n = big_k / unit;
   const bool stats = test == 0;
   const at::Tensor head = weight.narrow(1, 0, kh), rest = weight.narrow(1, kh, big_k - kh);
@@ -241,7 +252,8 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   const float* ap = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const Offset c = offset_view(offset);
-  const float crit = static_cast<float>(critical), inv = 1.0f / k, inv_n = 1.0f / n;
+  const Critical crit(critical, n_out);
+  const float inv = 1.0f / k, inv_n = 1.0f / n;
   const float fpc = static_cast<float>(n - k) / (static_cast<float>(n - 1) * k * (k - 1));
   std::vector<Tally> tallies(m);
   at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_out)), [&](int64_t i0, int64_t i1) {
@@ -253,9 +265,9 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
         const float mean = a * a1 * inv + cij * inv_n;
         bool pruned;
         if (stats) {
-          pruned = mean < crit * std::sqrt(a * a * std::max(p2[q] - a1 * a1 * inv, 0.0f) * fpc);
+          pruned = mean < crit[j] * std::sqrt(a * a * std::max(p2[q] - a1 * a1 * inv, 0.0f) * fpc);
         } else {
-          pruned = mean < crit;
+          pruned = mean < crit[j];
         }
         if (pruned) {
           t.pruned += 1;

@@ -1,0 +1,51 @@
+"""Per-output thresholds fitted from data: what ``calibrate(test="fitted")`` searches over.
+
+A site's threshold test prunes output j when its statistic (the mean of its first k folded
+terms) is below a threshold. One threshold per site treats every output alike, but outputs
+differ in scale and in how well k terms predict them. :func:`fit_thresholds` chooses one per
+output from recorded (statistic, z) samples (:mod:`exprune_fx.runtime.observe`), trading the
+work saved against the value lost at one ``price`` for the whole site: pruning a sample saves
+its remainder (the same amount for every output of a site) and loses ``max(z, 0)``, the value
+the ReLU would have passed on. Per output, the threshold keeps the samples below it with the
+largest total of ``1 - max(z, 0) / (price * mean_z)``, ``mean_z`` being the site's mean of
+``max(z, 0)`` over all its samples: a larger price prunes more. An output for which no
+threshold gains gets ``-inf`` (never pruned).
+
+Example:
+    >>> import torch
+    >>> statistic = torch.tensor([[-3.0, -2.0, -1.0, 1.0, 2.0], [-1.0, 0.0, 1.0, 2.0, 3.0]])
+    >>> z = torch.tensor([[-5.0, -1.0, 0.5, 2.0, 4.0], [3.0, 3.0, 3.0, 3.0, 3.0]])
+    >>> fit_thresholds(statistic, z, price=0.2)  # output 1: every sample matters
+    tensor([-1.5000,    -inf])
+    >>> fit_thresholds(statistic, z, price=1.0)
+    tensor([1.5000,   -inf])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def fit_thresholds(statistic: torch.Tensor, z: torch.Tensor, price: float) -> torch.Tensor:
+    """Per-output thresholds [outputs] from samples ``statistic`` and ``z``, each
+    [outputs, samples]; ``price`` > 0 (see the module docstring). The threshold is halfway
+    between the last pruned sample's statistic and the next one (the test is ``<``)."""
+    if not (isinstance(price, (int, float)) and price > 0 and math.isfinite(price)):
+        raise ValueError(f"price must be a finite number > 0 (got {price!r})")
+    if statistic.shape != z.shape or statistic.dim() != 2 or statistic.shape[1] == 0:
+        raise ValueError(f"statistic and z must both be [outputs, samples] (got {tuple(statistic.shape)} and "
+                         f"{tuple(z.shape)})")
+    statistic, z = statistic.double(), z.double()
+    lost = z.clamp_min(0)
+    scale = price * max(float(lost.mean()), 1e-30)
+    ordered, order = statistic.sort(1)
+    gain = (1 - lost.gather(1, order) / scale).cumsum(1)
+    best, last = gain.max(1)
+    upper = torch.cat([ordered[:, 1:], torch.full_like(ordered[:, :1], math.inf)], 1).gather(1, last[:, None])
+    below = ordered.gather(1, last[:, None]).squeeze(1).float()
+    # halfway to the next sample, and in float32 above the last pruned one (past the largest, just above it)
+    threshold = torch.maximum(((ordered.gather(1, last[:, None]).squeeze(1) + upper.squeeze(1)) / 2).float(),
+                              torch.nextafter(below, torch.tensor(math.inf)))
+    return torch.where(best > 0, threshold, torch.full_like(threshold, -math.inf))
