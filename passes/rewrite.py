@@ -446,8 +446,8 @@ def _relu_critical(builder: _Builder, cfg: ResolvedSiteConfig, outputs: int) -> 
     if cfg.thresholds is None:
         return _critical(builder, cfg.critical)
     if len(cfg.thresholds) != outputs:
-        raise InputError(f"Config.sites[{builder.site_name!r}].thresholds has {len(cfg.thresholds)} values; the site has "
-                         f"{outputs} outputs (features or channels): give one threshold per output")
+        raise InputError(f"Config.sites[{builder.site_name!r}].thresholds has {len(cfg.thresholds)} values; the "
+                         f"site has {outputs} outputs (features or channels): give one threshold per output")
     return builder.buffer("critical", torch.tensor(cfg.thresholds, dtype=torch.float64))
 
 

@@ -4,10 +4,11 @@ Inside :func:`recording`, every ReLU kernel with a compile-time weight (linear a
 sites; statistical single-stage, or hybrid) adds, per call, its outputs' test statistic (the
 mean of the first ``k`` folded terms, what the threshold test compares) and their value ``z``
 before the ReLU, keyed by the site's counter tensor. (Where a hybrid kernel's exact early exit
-stopped an output, ``z`` is the negative partial sum it stopped at: the sign is ``z``'s.) The reference kernels run throughout (the fast
-kernels do not record). Record with nothing pruned (threshold ``-inf``): a pruned output's
-``z`` is not computed. Each call keeps at most ``per_call`` positions (rows, or image
-positions), drawn at random with a seeded generator, so that memory stays bounded.
+stopped an output, ``z`` is the negative partial sum it stopped at: the sign is ``z``'s.) The
+reference kernels run throughout (the fast kernels do not record). Record with nothing pruned
+(threshold ``-inf``): a pruned output's ``z`` is not computed. Each call keeps at most
+``per_call`` positions (rows, or image positions), drawn at random with a seeded generator, so
+that memory stays bounded.
 
 Example:
     >>> import torch

@@ -104,7 +104,8 @@ Offset offset_view(const at::Tensor& offset) {
 struct Critical {
   const float* p;
   int64_t stride;
-  Critical(const at::Tensor& critical, int64_t n_out) : p(critical.data_ptr<float>()), stride(critical.numel() == 1 ? 0 : 1) {
+  Critical(const at::Tensor& critical, int64_t n_out)
+      : p(critical.data_ptr<float>()), stride(critical.numel() == 1 ? 0 : 1) {
     TORCH_CHECK(critical.is_contiguous() && (critical.numel() == 1 || critical.numel() == n_out),
                 "critical: one value or one per output");
   }
