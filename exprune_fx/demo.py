@@ -4,13 +4,12 @@ on Fashion-MNIST to an accuracy budget and report what it saves on held-out imag
 1. load the checkpoint shipped in ``exprune_fx/checkpoints/resnet.pt`` (trained by
    ``benchmarks/train_cnns.py``) and Fashion-MNIST (``apt-get install dataset-fashion-mnist``);
 2. compile it, check the symmetries the analysis found by permuting the weights, and
-   calibrate (:func:`exprune_fx.calibrate`, threshold test, k = 8 or 16) to at most
-   ``max_drop`` accuracy drop on the validation split (training images 55000 and up, which
-   the model never trained on). Exact and hybrid mode are left out here: they save more
-   (docs/benchmarks.md), but their reference convolution kernels cost several dense
-   convolutions of wall-clock time, and calibration starts every exact-capable site in exact
-   mode, which takes the demo past 3 minutes on 2 cores (283 s, for 16.05% at a 0.36-point
-   held-out drop);
+   calibrate (:func:`exprune_fx.calibrate`: k = 8, each output's largest-weight channels
+   first, one threshold per output channel fitted on the data, ``test="fitted"``) to at
+   most ``max_drop`` accuracy drop on the validation split (training images 55000 and up,
+   which the model never trained on). Exact and hybrid mode are left out here: they save
+   more (docs/benchmarks.md), but their reference convolution kernels cost several dense
+   convolutions of wall-clock time, which takes the demo past 3 minutes on 2 cores;
 3. print the per-site table, the test accuracy and the whole-model FLOPs reduction against
    the dense model (FLOPs = 2 x multiply-accumulates);
 4. write the rewritten graph's dump (text, JSON, DOT, and SVG with graphviz), ``results.json``
@@ -102,9 +101,8 @@ def run(out: str | Path = "demo-out", val: int = 1000, test: int = 10000, max_dr
         print(f"  {failure}")
 
     print(f"calibrating to at most {max_drop:.1%} accuracy drop on {val} validation images ...")
-    result = calibrate(compiled, val_batches, max_drop=max_drop, ks=(8, 16), test="threshold",
-                       thresholds=(-0.04, -0.02, -0.01, -0.005, 0.0), exact=False, hybrid=False, seed=seed,
-                       progress=progress)
+    result = calibrate(compiled, val_batches, max_drop=max_drop, ks=(8,), test="fitted", order="magnitude",
+                       prices=(0.05, 0.1, 0.2, 0.4), exact=False, hybrid=False, seed=seed, progress=progress)
     final = result.compiled
     dense_acc = _accuracy(model, test_batches)
     final.reset_stats()
