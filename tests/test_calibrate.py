@@ -144,7 +144,8 @@ class _Additive:
 
 def test_allocation_falls_back_when_a_profiled_setting_fails_verification():
     true_drop = {("a", 0.05): 0.002, ("a", 0.2): 0.03, ("b", 0.05): 0.004, ("b", 0.2): 0.006}
-    profiled = [{"site": s, "k": 16, "mode": "statistical", "alpha": a, "drop": d, "saving": saving}
+    profiled = [{"site": s, "k": 16, "mode": "statistical", "alpha": a, "settings": {"alpha": a}, "drop": d,
+                 "saving": saving}
                 for (s, a, d, saving) in [("a", 0.05, 0.001, 1.0), ("a", 0.2, 0.002, 3.0),  # a at 0.2 looked safe
                                           ("b", 0.05, 0.003, 1.0), ("b", 0.2, 0.004, 1.5)]]
 
