@@ -276,9 +276,9 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
         with observe.recording() if grid.fitted is not None else contextlib.nullcontext() as record:
             evaluate(variant, subset)
         oracle[k] = variant.exprune_stats()["oracle_reduction"]
-        names = [r.name for r in variant.rewritten_sites]
-        tunable[k] = grid.fit(k, variant, record) if grid.fitted is not None else names
-    values = sorted(grid.values)  # a larger alpha or threshold prunes more
+        tunable[k] = grid.fit(k, variant, record) if grid.fitted is not None else \
+            [r.name for r in variant.rewritten_sites]
+    values = sorted(grid.values)  # a larger alpha, threshold or price prunes more
     bar = tqdm(total=sum(len(t) for t in tunable.values()) * len(values), desc="profiling sites",
                disable=not progress)
     for k, variant in variants:
