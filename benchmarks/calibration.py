@@ -69,7 +69,8 @@ def evaluate(model, data, metric) -> float:
     return total / weight
 
 
-def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH, budgets: dict = BUDGETS) -> list[dict]:
+def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH, budgets: dict = BUDGETS,
+              margin: float = 1.0) -> list[dict]:
     dense = evaluate(task.model, task.test, task.metric)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -81,14 +82,14 @@ def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH, budge
     for test_kind, grid in search.items():
         for label, budget in budgets.items():
             result = exprune_fx.calibrate(compiled, task.val, task.metric, max_drop=budget, ks=ks, exact_k=32,
-                                          progress=progress, **grid)
+                                          margin=margin, progress=progress, **grid)
             final = result.compiled
             final.reset_stats()
             value = evaluate(final, task.test, task.metric)
             stats = final.exprune_stats()
             rows.append({
                 "model": task.name, "metric_name": task.metric_name, "test": test_kind, "budget": label,
-                "max_drop": budget, "dense_accuracy": dense, "accuracy": value, "drop": dense - value,
+                "max_drop": budget, "margin": margin, "dense_accuracy": dense, "accuracy": value, "drop": dense - value,
                 "dense_flops_per_item": stats["dense_flops"] / stats["rows"],
                 "reduction": stats["reduction"], "oracle_reduction": oracle,
                 "fraction_of_oracle": stats["reduction"] / oracle if oracle > 0 else 0.0,
@@ -166,13 +167,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tests", nargs="*", default=list(SEARCH), choices=list(SEARCH))
     short = {label.split()[0]: label for label in BUDGETS}  # "negligible", "1%"
     parser.add_argument("--budgets", nargs="*", default=list(short), choices=list(short))
+    parser.add_argument("--margin", type=float, default=1.0,
+                        help="standard errors of the validation drop kept below the budget (calibrate's margin)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     start = time.time()
     rows = []
     for name in args.models:
         rows += run_model(tasks.build(name, args.val, args.test), tuple(args.ks), not args.quiet,
-                          {t: SEARCH[t] for t in args.tests}, {short[b]: BUDGETS[short[b]] for b in args.budgets})
+                          {t: SEARCH[t] for t in args.tests}, {short[b]: BUDGETS[short[b]] for b in args.budgets},
+                          args.margin)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(rows, indent=2))
     table = to_markdown(rows)

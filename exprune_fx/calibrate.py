@@ -142,7 +142,8 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
     of the metric below the dense model's on ``data``. ``test="stats"`` searches ``alphas``;
     ``test="threshold"`` searches ``thresholds`` (in units of the folded per-term mean, so
-    their scale is model-specific). ``test="fitted"`` gives every ReLU site with a compile-time
+    their scale is model-specific; an argmax site stops a row when the leader's mean advantage
+    exceeds the margin ``-t`` for a threshold ``t`` of the grid). ``test="fitted"`` gives every ReLU site with a compile-time
     weight one threshold per output, fitted on the profile subset at each price in ``prices``
     (:mod:`exprune_fx.fitting`: a larger price prunes more), and searches the prices; the
     recording rides on the profile's nothing-pruned pass, so it costs no evaluation. Other
@@ -201,20 +202,28 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)
     # whole-model settings of the compiled model (zero-skip) carry over to every trial
+    # every site starts at the setting that prunes nothing (an argmax site's differs from a ReLU site's)
+    decisions = {s.name: s.decision for s in prepared.analysis.sites}
     base = Config(k=min(ks), test=kernel_test, stages=stages, zero_skip=compiled.config.zero_skip, order=order,
-                  **grid.settings(min(ks), "", grid.off))
+                  **grid.settings(min(ks), "", grid.off),
+                  sites={s: SiteConfig(**grid.settings(min(ks), s, grid.off, d)) for s, d in decisions.items()
+                         if d == "argmax"})
     Config(k=exact_k)  # validates
     exact_variant = build(dataclasses.replace(base, k=exact_k, mode="exact")) if exact or hybrid else None
     exact_sites = [r.name for r in exact_variant.rewritten_sites] if exact_variant is not None else []
     profiled = base
     if hybrid and stages == 1 and exact_sites:  # the sites exact mode can rewrite test in hybrid mode, where it can
-        probe = build(dataclasses.replace(base, sites={s: SiteConfig(mode="hybrid") for s in exact_sites}))
-        profiled = dataclasses.replace(base, sites={r.name: SiteConfig(mode="hybrid") for r in probe.rewritten_sites
-                                                    if r.name in exact_sites})
+        probe = build(dataclasses.replace(base, sites={**base.sites,
+                                                       **{s: SiteConfig(mode="hybrid") for s in exact_sites}}))
+        profiled = dataclasses.replace(base, sites={**base.sites,
+                                                    **{r.name: SiteConfig(mode="hybrid") for r in probe.rewritten_sites
+                                                       if r.name in exact_sites}})
     candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, profiled, grid, max_drop, progress)
     if exact and exact_sites:
         candidates += _profile_exact(exact_variant, evaluate, subset, dense_subset)
-    config, steps = _allocate(build, evaluate, base, candidates, dense_batches, max_drop, margin, grid, progress)
+    deciding = [s for s, d in decisions.items() if d is not None]  # the sites a config can enable
+    config, steps = _allocate(build, evaluate, base, deciding, candidates, dense_batches, max_drop, margin,
+                              grid, progress)
 
     final = build(config)
     final.reset_stats()
@@ -242,12 +251,17 @@ class _Grid:
     off: float  # the value that prunes nothing
     fitted: dict | None = None  # test="fitted": (k, site, price) -> per-output thresholds
 
-    def settings(self, k: int, site: str, value: float) -> dict:
-        """The site settings that ``value`` of the grid stands for."""
-        if self.fitted is None:
-            return {self.setting: value}
+    def settings(self, k: int, site: str, value: float, decision: str = "relu") -> dict:
+        """The settings of ``site`` (whose decision is ``decision``) that ``value`` of the grid
+        stands for. The threshold test compares an argmax site's margin the other way round (it
+        stops a row when the leader's mean advantage exceeds it): there a threshold ``t`` of the
+        grid is the margin ``-t``, and ``-inf`` (prune nothing) is ``+inf``."""
+        if self.setting == "alpha":
+            return {"alpha": value}
         if value == self.off:
-            return {"threshold": -math.inf}
+            return {"threshold": math.inf if decision == "argmax" else -math.inf}
+        if self.fitted is None:
+            return {"threshold": -value if decision == "argmax" else value}
         return {"thresholds": self.fitted[(k, site, value)]}
 
     def fit(self, k: int, variant: CompiledModel, record) -> list[str]:
@@ -282,9 +296,10 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
     bar = tqdm(total=sum(len(t) for t in tunable.values()) * len(values), desc="profiling sites",
                disable=not progress)
     for k, variant in variants:
+        decisions = {r.name: r.decision for r in variant.rewritten_sites}
         for site in tunable[k]:
             for i, value in enumerate(values):
-                settings = grid.settings(k, site, value)
+                settings = grid.settings(k, site, value, decisions[site])
                 variant.retune(site, **settings)
                 variant.reset_stats()
                 drop = dense_subset - evaluate(variant, subset)
@@ -295,7 +310,7 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
                 if drop > max_drop:
                     bar.update(len(values) - i - 1)
                     break
-            variant.retune(site, **grid.settings(k, site, grid.off))
+            variant.retune(site, **grid.settings(k, site, grid.off, decisions[site]))
     bar.close()
     return candidates, oracle
 
@@ -352,9 +367,9 @@ def _slope(a: tuple, b: tuple) -> float:
     return (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else math.inf
 
 
-def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batches: list, max_drop: float,
-              margin: float, grid: _Grid, progress) -> tuple[Config, list[dict]]:
-    """Verified on all the data: start from every site disabled, or in its lossless exact
+def _allocate(build, evaluate, base: Config, all_sites: list[str], candidates: list[dict], dense_batches: list,
+              max_drop: float, margin: float, grid: _Grid, progress) -> tuple[Config, list[dict]]:
+    """Verified on all the data: start from every site (of ``all_sites``) disabled, or in its lossless exact
     setting where it has one (if that verifies); bisect the :func:`upgrade_path` for its
     longest prefix within the budget; then try the upgrades after it one at a time, at most
     one try per site. A site whose upgrade fails gets no larger setting, but it does get a try
@@ -380,7 +395,8 @@ def _allocate(build, evaluate, base: Config, candidates: list[dict], dense_batch
         bar.update(1)
         return accepted
 
-    start = dataclasses.replace(base, sites={s: SiteConfig(enabled=False) for s in sites})
+    # a site without candidates (none the grid can tune) stays disabled
+    start = dataclasses.replace(base, sites={s: SiteConfig(enabled=False) for s in all_sites})
     lossless = {c["site"]: c for c in candidates if c["mode"] == "exact" and c["saving"] > 0}  # one per site
     if lossless:
         trial = start
