@@ -13,7 +13,11 @@ Writes ``calibration.json``, ``calibration.md`` and PNG plots (metric-vs-FLOPs p
 per-site prune rates).
 
     python benchmarks/calibration.py --out bench-out [--models resnet gcn opt_lm] [--val 1000]
-        [--tests stats threshold] [--budgets negligible 1%]
+        [--tests stats threshold] [--budgets negligible 1%] [--margin 1] [--zero-skip]
+
+``--zero-skip`` compiles with ``Config(zero_skip=True)`` and adds two columns: the reduction
+counting also the zero inputs that the linears after a ReLU skip, and what zero-skip alone
+saves with every site dense (ours, not ExPrune's: kept apart from the paper's comparison).
 
 Paper (ExPrune v2) for comparison: 10.98-17.33% FLOPs reduction at negligible drop,
 21.61-27.16% at <= 1% drop.
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 
 import exprune_fx
-from exprune_fx import Config
+from exprune_fx import Config, SiteConfig
 from exprune_fx.calibrate import accuracy as default_metric
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -70,14 +74,19 @@ def evaluate(model, data, metric) -> float:
 
 
 def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH, budgets: dict = BUDGETS,
-              margin: float = 1.0) -> list[dict]:
+              margin: float = 1.0, zero_skip: bool = False) -> list[dict]:
     dense = evaluate(task.model, task.test, task.metric)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         oracle_model = exprune_fx.compile(task.model, task.example, Config(k=min(ks), alpha=0.0), task.outputs)
+        # zero-skip alone: every site dense, the linears after a ReLU skip its zeros
+        skip_alone = exprune_fx.compile(task.model, task.example, Config(zero_skip=True, sites={
+            s.name: SiteConfig(enabled=False) for s in oracle_model.sites}), task.outputs) if zero_skip else None
     evaluate(oracle_model, task.test, task.metric)
     oracle = oracle_model.exprune_stats()["oracle_reduction"]
-    compiled = exprune_fx.compile(task.model, task.example, outputs=task.outputs)
+    if skip_alone is not None:
+        evaluate(skip_alone, task.test, task.metric)
+    compiled = exprune_fx.compile(task.model, task.example, Config(zero_skip=zero_skip), outputs=task.outputs)
     rows = []
     for test_kind, grid in search.items():
         for label, budget in budgets.items():
@@ -93,6 +102,10 @@ def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH, budge
                 "dense_flops_per_item": stats["dense_flops"] / stats["rows"],
                 "reduction": stats["reduction"], "oracle_reduction": oracle,
                 "fraction_of_oracle": stats["reduction"] / oracle if oracle > 0 else 0.0,
+                # with Config(zero_skip=True): the whole model's reduction counting the skipped
+                # zero inputs too, and what zero-skip saves with no ExPrune site
+                **({"reduction_with_zero_skip": stats["zero_skip"]["reduction"],
+                    "zero_skip_alone": skip_alone.exprune_stats()["zero_skip"]["reduction"]} if zero_skip else {}),
                 "evaluations": result.report["evaluations"], "seconds": result.report["seconds"],
                 "sites": {n: s["prune_rate"] for n, s in stats["sites"].items()},
                 "config": {n: _summary(sc) for n, sc in result.report["sites"].items() if sc.get("enabled")},
@@ -111,12 +124,22 @@ def _summary(settings: dict) -> dict:
 
 
 def to_markdown(rows: list[dict]) -> str:
+    skip = any("reduction_with_zero_skip" in r for r in rows)
     head = ("| model | metric | test | budget | dense | calibrated (test) | FLOPs reduction | oracle | of oracle "
-            "| evaluations | seconds |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+            + ("| with zero-skip | zero-skip alone " if skip else "") + "| evaluations | seconds |\n"
+            + "|---|---|---|---|" + "---:|" * (9 if skip else 7) + "\n")
+
+    def skipped(r: dict) -> str:
+        if not skip:
+            return ""
+        if "reduction_with_zero_skip" not in r:
+            return "| - | - "
+        return f"| {r['reduction_with_zero_skip']:.2%} | {r['zero_skip_alone']:.2%} "
+
     return head + "".join(
-        f"| {r['model']} | {r['metric_name']} | {r['test']} | {r['budget']} | {r['dense_accuracy']:.4f} | {r['accuracy']:.4f} "
-        f"| {r['reduction']:.2%} | {r['oracle_reduction']:.2%} | {r['fraction_of_oracle']:.0%} "
-        f"| {r['evaluations']} | {r['seconds']:.0f} |\n" for r in rows)
+        f"| {r['model']} | {r['metric_name']} | {r['test']} | {r['budget']} | {r['dense_accuracy']:.4f} "
+        f"| {r['accuracy']:.4f} | {r['reduction']:.2%} | {r['oracle_reduction']:.2%} | {r['fraction_of_oracle']:.0%} "
+        f"{skipped(r)}| {r['evaluations']} | {r['seconds']:.0f} |\n" for r in rows)
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
@@ -169,6 +192,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--budgets", nargs="*", default=list(short), choices=list(short))
     parser.add_argument("--margin", type=float, default=1.0,
                         help="standard errors of the validation drop kept below the budget (calibrate's margin)")
+    parser.add_argument("--zero-skip", action="store_true",
+                        help="compile with Config(zero_skip=True) and also report the reduction counting the "
+                             "zero inputs that the linears after a ReLU skip (ours, not ExPrune's)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     start = time.time()
@@ -176,7 +202,7 @@ def main(argv=None) -> list[dict]:
     for name in args.models:
         rows += run_model(tasks.build(name, args.val, args.test), tuple(args.ks), not args.quiet,
                           {t: SEARCH[t] for t in args.tests}, {short[b]: BUDGETS[short[b]] for b in args.budgets},
-                          args.margin)
+                          args.margin, args.zero_skip)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(rows, indent=2))
     table = to_markdown(rows)

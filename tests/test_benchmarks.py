@@ -36,6 +36,20 @@ def test_calibration_benchmark_smoke(tmp_path):
     assert (tmp_path / "pareto_gcn.png").stat().st_size > 0
 
 
+def test_calibration_table_has_zero_skip_columns_only_when_measured():
+    import calibration
+
+    row = {"model": "m", "metric_name": "accuracy", "test": "stats", "budget": "1%", "dense_accuracy": 0.9,
+           "accuracy": 0.89, "reduction": 0.2, "oracle_reduction": 0.4, "fraction_of_oracle": 0.5,
+           "evaluations": 10, "seconds": 3.0}
+    plain = calibration.to_markdown([row])
+    assert "zero-skip" not in plain and plain.splitlines()[1].count("---") == 11
+    skipped = {**row, "reduction_with_zero_skip": 0.5, "zero_skip_alone": 0.3}
+    lines = calibration.to_markdown([skipped, row]).splitlines()
+    assert lines[1].count("---") == 13 and all(line.count("|") == 14 for line in lines)
+    assert "| 50.00% | 30.00% |" in lines[2] and "| - | - |" in lines[3]
+
+
 def test_wallclock_pieces_on_a_small_mlp():
     """The wall-clock benchmark's timing and per-site pieces, without data or training."""
     import torch
