@@ -86,9 +86,19 @@ def linear_layout(weight: torch.Tensor, k: int, test: int, order: str = "natural
             worth_testing(counts, 1, k, test) & (counts > k))
 
 
+def _scattered(idx: torch.Tensor, w: torch.Tensor, width: int) -> torch.Tensor:
+    """The [N, width] weight that holds ``w[j]`` at columns ``idx[j]`` (distinct per row) and
+    zeros elsewhere: a product with it sums only those terms, at a dense product's speed."""
+    return w.new_zeros(idx.shape[0], width).scatter_(1, idx, w)
+
+
 def _gathered_sums(x2, idx, w, test: int):
-    """Sum (and sum of squares unless threshold) of x2[:, idx[j]] * w[j] per row and output."""
+    """Sum (and sum of squares unless threshold) of x2[:, idx[j]] * w[j] per row and output.
+    The threshold test's sum is one dense product with the terms scattered into a full-width
+    weight (far faster on CPU than gathering [rows, N, terms] products)."""
     m = x2.shape[0]
+    if test == THRESHOLD:
+        return x2 @ _scattered(idx, w.to(x2.dtype), x2.shape[1]).T, None
     s1 = x2.new_empty(m, idx.shape[0])
     s2 = None if test == THRESHOLD else x2.new_empty(m, idx.shape[0])
     step = max(1, _CHUNK_ELEMENTS // max(1, idx.numel()))
@@ -126,7 +136,7 @@ def sparse_relu_matmul(x, first, first_w, rest, rest_w, nonzero, tested, scale, 
     first_macs = nonzero.clamp(max=k)
     n_tested = tested.sum()
     test_macs = m * n_tested * ((k + 4) if test == STATS else 2)
-    remainder = (keep * (nonzero - first_macs)).sum()
+    remainder = (keep.sum(0) * (nonzero - first_macs)).sum()
     add(stats, calls=1, outputs=m * n_out, pruned=pruned.sum(), dense=m * nonzero.sum(),
         partial=m * first_macs.sum(), test=test_macs, remainder=remainder,
         computed=m * first_macs.sum() + test_macs + m * cols.numel() * rest.shape[1],
