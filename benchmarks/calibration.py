@@ -153,9 +153,9 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         mine = [r for r in rows if r["model"] == name]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.scatter([0], [mine[0]["dense_accuracy"]], marker="s", color="black", label="dense")
-        for test_kind, color in (("stats", "tab:blue"), ("stats x3", "tab:green"), ("threshold", "tab:orange")):
+        for test_kind in dict.fromkeys(r["test"] for r in mine):  # the tests run, in their order
             pts = sorted((r["reduction"], r["accuracy"]) for r in mine if r["test"] == test_kind)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=test_kind)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=test_kind)
         ax.axvline(mine[0]["oracle_reduction"], color="gray", linestyle=":", label="oracle bound")
         ax.set_xlabel("whole-model FLOPs reduction")
         ax.set_ylabel(f"test {mine[0]['metric_name']}")
@@ -166,11 +166,11 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-        best = max(mine, key=lambda r: (r["test"] == "stats", r["max_drop"]))  # stats rows if run
+        best = max(mine, key=lambda r: (r["max_drop"], r["reduction"]))  # the most saving row at the largest budget
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.bar(list(best["sites"]), list(best["sites"].values()), color="tab:blue")
         ax.set_ylabel("prune rate (exact sites: stopped early)", fontsize=8)
-        ax.set_title(f"{name}: per-site prune rate (stats, {best['budget']})")
+        ax.set_title(f"{name}: per-site prune rate ({best['test']}, {best['budget']})")
         ax.tick_params(axis="x", rotation=45, labelsize=7)
         fig.tight_layout()
         path = out / f"prune_rates_{name}.png"
