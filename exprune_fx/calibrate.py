@@ -143,11 +143,13 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     of the metric below the dense model's on ``data``. ``test="stats"`` searches ``alphas``;
     ``test="threshold"`` searches ``thresholds`` (in units of the folded per-term mean, so
     their scale is model-specific; an argmax site stops a row when the leader's mean advantage
-    exceeds the margin ``-t`` for a threshold ``t`` of the grid). ``test="fitted"`` gives every ReLU site with a compile-time
-    weight one threshold per output, fitted on the profile subset at each price in ``prices``
-    (:mod:`exprune_fx.fitting`: a larger price prunes more), and searches the prices; the
-    recording rides on the profile's nothing-pruned pass, so it costs no evaluation. Other
-    sites get no statistical setting under it. A step is kept when its drop plus ``margin`` standard
+    exceeds the margin ``-t`` for a threshold ``t`` of the grid). ``test="fitted"`` gives every
+    ReLU site with a compile-time weight one threshold per output, fitted on the profile subset
+    at each price in ``prices`` (:mod:`exprune_fx.fitting`: a larger price prunes more), and
+    searches the prices; the recording rides on the profile's nothing-pruned pass, so it costs
+    no evaluation. Other sites (argmax heads, products of two run-time values) get no
+    statistical setting under it: they stay disabled, or take exact mode where they admit it.
+    A step is kept when its drop plus ``margin`` standard
     errors (estimated from the batch-to-batch spread of the paired drops) stays within
     ``max_drop``: small calibration sets otherwise accept drops that were zero by chance.
     ``stages > 1`` calibrates the sequential test (ReLU sites test at k, then the outputs
@@ -201,8 +203,8 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
 
     dense_full, dense_batches = evaluate.per_batch(source)
     dense_subset = evaluate(source, subset)
-    # whole-model settings of the compiled model (zero-skip) carry over to every trial
-    # every site starts at the setting that prunes nothing (an argmax site's differs from a ReLU site's)
+    # every site starts at the setting that prunes nothing (an argmax site's differs from a ReLU
+    # site's); whole-model settings of the compiled model (zero-skip) carry over to every trial
     decisions = {s.name: s.decision for s in prepared.analysis.sites}
     base = Config(k=min(ks), test=kernel_test, stages=stages, zero_skip=compiled.config.zero_skip, order=order,
                   **grid.settings(min(ks), "", grid.off),
@@ -221,7 +223,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     candidates, oracle = _profile(build, evaluate, subset, dense_subset, ks, profiled, grid, max_drop, progress)
     if exact and exact_sites:
         candidates += _profile_exact(exact_variant, evaluate, subset, dense_subset)
-    deciding = [s for s, d in decisions.items() if d is not None]  # the sites a config can enable
+    deciding = [s.name for s in prepared.analysis.sites if s.eligible]  # the sites a config can enable
     config, steps = _allocate(build, evaluate, base, deciding, candidates, dense_batches, max_drop, margin,
                               grid, progress)
 
