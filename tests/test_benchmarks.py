@@ -30,9 +30,11 @@ def test_calibration_benchmark_smoke(tmp_path):
     import calibration
 
     rows = calibration.main(["--out", str(tmp_path), "--models", "gcn", "--val", "100", "--test", "100",
-                             "--tests", "stats", "--ks", "8", "--quiet"])
+                             "--tests", "stats", "--ks", "8", "--zero-skip", "--quiet"])
     assert {(r["model"], r["test"]) for r in rows} == {("gcn", "stats")} and len(rows) == 2
     assert all(0 <= r["oracle_reduction"] < 1 and r["evaluations"] <= 100 for r in rows)
+    assert all(r["reduction_with_zero_skip"] >= r["reduction"] - 1e-9 and r["zero_skip_alone"] >= 0 for r in rows)
+    assert "| with zero-skip | zero-skip alone |" in (tmp_path / "calibration.md").read_text()
     assert (tmp_path / "pareto_gcn.png").stat().st_size > 0
 
 
