@@ -43,9 +43,9 @@ def fit_thresholds(statistic: torch.Tensor, z: torch.Tensor, price: float) -> to
     ordered, order = statistic.sort(1)
     gain = (1 - lost.gather(1, order) / scale).cumsum(1)
     best, last = gain.max(1)
+    below = ordered.gather(1, last[:, None]).squeeze(1)  # the last pruned sample's statistic
     upper = torch.cat([ordered[:, 1:], torch.full_like(ordered[:, :1], math.inf)], 1).gather(1, last[:, None])
-    below = ordered.gather(1, last[:, None]).squeeze(1).float()
     # halfway to the next sample, and in float32 above the last pruned one (past the largest, just above it)
-    threshold = torch.maximum(((ordered.gather(1, last[:, None]).squeeze(1) + upper.squeeze(1)) / 2).float(),
-                              torch.nextafter(below, torch.tensor(math.inf)))
+    threshold = torch.maximum(((below + upper.squeeze(1)) / 2).float(),
+                              torch.nextafter(below.float(), torch.tensor(math.inf)))
     return torch.where(best > 0, threshold, torch.full_like(threshold, -math.inf))

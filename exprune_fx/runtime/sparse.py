@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import ORDERS
 from . import observe
 from .counters import add
 from .kernels import _CHUNK_ELEMENTS, STATS, THRESHOLD, _decide_negative, _wide, per_channel
@@ -44,9 +45,6 @@ def worth_testing(nonzero_terms: torch.Tensor, term_macs: torch.Tensor | float, 
     """The cost rule: test an output only if the remainder it could skip is at least the test's cost."""
     cost = k + 4 if test == STATS else 2
     return (nonzero_terms - k) * term_macs >= cost
-
-
-ORDERS = ("natural", "magnitude")
 
 
 def term_magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -87,9 +85,11 @@ def linear_layout(weight: torch.Tensor, k: int, test: int, order: str = "natural
 
 
 def _scattered(idx: torch.Tensor, w: torch.Tensor, width: int) -> torch.Tensor:
-    """The [N, width] weight that holds ``w[j]`` at columns ``idx[j]`` (distinct per row) and
-    zeros elsewhere: a product with it sums only those terms, at a dense product's speed."""
-    return w.new_zeros(idx.shape[0], width).scatter_(1, idx, w)
+    """The weight [N, width, ...] that holds term ``w[j, t]`` (a value, or a conv window) at
+    position ``idx[j, t]`` (distinct per row) and zeros elsewhere: a product with it sums only
+    those terms, at a dense product's speed."""
+    index = idx.view(idx.shape + (1,) * (w.dim() - 2)).expand_as(w)
+    return w.new_zeros((idx.shape[0], width) + w.shape[2:]).scatter_(1, index, w)
 
 
 def _gathered_sums(x2, idx, w, test: int):
@@ -99,15 +99,13 @@ def _gathered_sums(x2, idx, w, test: int):
     m = x2.shape[0]
     if test == THRESHOLD:
         return x2 @ _scattered(idx, w.to(x2.dtype), x2.shape[1]).T, None
-    s1 = x2.new_empty(m, idx.shape[0])
-    s2 = None if test == THRESHOLD else x2.new_empty(m, idx.shape[0])
+    s1, s2 = x2.new_empty(m, idx.shape[0]), x2.new_empty(m, idx.shape[0])
     step = max(1, _CHUNK_ELEMENTS // max(1, idx.numel()))
     for r in range(0, m, step):
         t = x2[r:r + step, idx] * w  # [rows, N, terms]
         s1[r:r + step] = t.sum(-1)
-        if s2 is not None:
-            tw = _wide(t)
-            s2[r:r + step] = (tw * tw).sum(-1)
+        tw = _wide(t)
+        s2[r:r + step] = (tw * tw).sum(-1)
     return s1, s2
 
 
@@ -188,8 +186,7 @@ def sparse_relu_conv2d(x, first, first_w, rest_w, nonzero, tested, taps_first, t
     squares: one depthwise convolution over the gathered channels per term."""
     cout = first.shape[0]
     if test == THRESHOLD:  # the sum only: one convolution with every other channel's window zeroed
-        head = torch.zeros_like(rest_w).scatter_(1, first[:, :, None, None].expand_as(first_w), first_w)
-        s1, s2 = F.conv2d(x, head, None, stride, padding, dilation), None
+        s1, s2 = F.conv2d(x, _scattered(first, first_w, rest_w.shape[1]), None, stride, padding, dilation), None
     else:
         s1, s2 = _gathered_conv_sums(x, first, first_w, stride, padding, dilation)
     a = scale.to(x.dtype).view(1, cout, 1, 1)
