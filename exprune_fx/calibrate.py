@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from .compiler import CompiledModel, ExPruneWarning, Prepared, batch_rows
 from .config import Config, SiteConfig
 from .errors import InputError
-from .fitting import fit_thresholds
+from .fitting import fit_margin, fit_thresholds
 from .lifting import normalize_inputs
 from .runtime import observe
 
@@ -134,6 +134,7 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
               max_drop: float = 0.01, ks: Sequence[int] = (8, 16, 32), alphas: Sequence[float] = (0.01, 0.05, 0.2),
               test: str = "stats", thresholds: Sequence[float] = (-0.02, -0.01, 0.0),
               prices: Sequence[float] = (0.05, 0.1, 0.2, 0.4),
+              head_errors: Sequence[float] = (0.001, 0.003, 0.01, 0.03),
               profile_fraction: float = 0.25, margin: float = 1.0, seed: int = 0, stages: int = 1,
               exact: bool = True, exact_k: int = 16, hybrid: bool = True, order: str = "natural",
               progress: bool = True) -> Calibration:
@@ -142,13 +143,16 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     is higher-is-better (default: :func:`accuracy`); ``max_drop`` is the largest allowed drop
     of the metric below the dense model's on ``data``. ``test="stats"`` searches ``alphas``;
     ``test="threshold"`` searches ``thresholds`` (in units of the folded per-term mean, so
-    their scale is model-specific; an argmax site stops a row when the leader's mean advantage
-    exceeds the margin ``-t`` for a threshold ``t`` of the grid). ``test="fitted"`` gives every
+    their scale is model-specific). ``test="fitted"`` gives every
     ReLU site with a compile-time weight one threshold per output, fitted on the profile subset
     at each price in ``prices`` (:mod:`exprune_fx.fitting`: a larger price prunes more), and
-    searches the prices; the recording rides on the profile's nothing-pruned pass, so it costs
-    no evaluation. Other sites (argmax heads, products of two run-time values) get no
-    statistical setting under it: they stay disabled, or take exact mode where they admit it.
+    searches the prices. Under both, an argmax site (a prediction head read through argmax)
+    searches ``head_errors``: for each, the margin fitted on the profile subset so that at most
+    that fraction of its rows would stop on a leader that is not their final argmax
+    (:func:`exprune_fx.fitting.fit_margin`). The recordings ride on the profile's
+    nothing-pruned pass, so they cost no evaluation. Other sites (products of two run-time
+    values under the fitted test) get no statistical setting: they stay disabled, or take exact
+    mode where they admit it.
     A step is kept when its drop plus ``margin`` standard
     errors (estimated from the batch-to-batch spread of the paired drops) stays within
     ``max_drop``: small calibration sets otherwise accept drops that were zero by chance.
@@ -177,14 +181,16 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     kernel_test = "threshold" if test == "fitted" else test
     Config(stages=stages, order=order, test=kernel_test)  # validates (order="magnitude" needs the threshold test)
     if test == "fitted":
-        grid = _Grid("price", tuple(prices), 0.0, fitted={})
+        grid = _Grid("price", tuple(prices), fitted={})
         if not grid.values or any(not (isinstance(p, (int, float)) and 0 < p < math.inf) for p in grid.values):
             raise InputError(f"prices must be finite numbers > 0 (got {tuple(prices)!r})")
     else:
-        grid = _Grid("alpha", tuple(alphas), 0.0) if test == "stats" else \
-            _Grid("threshold", tuple(thresholds), -math.inf)
+        grid = _Grid("alpha", tuple(alphas)) if test == "stats" else _Grid("threshold", tuple(thresholds))
         for value in grid.values:
             Config(**{grid.setting: value})  # validates
+    if test != "stats" and (not head_errors or any(not (isinstance(e, (int, float)) and 0 <= e < 1)
+                                                   for e in head_errors)):
+        raise InputError(f"head_errors must be numbers in [0, 1), at least one (got {tuple(head_errors)!r})")
     batches = list(data() if callable(data) else data)
     if not batches or any(not (isinstance(b, (tuple, list)) and len(b) == 2) for b in batches):
         raise InputError("data must yield (inputs, labels) pairs, and at least one")
@@ -206,9 +212,11 @@ def calibrate(compiled: CompiledModel, data: Iterable | Callable[[], Iterable], 
     # every site starts at the setting that prunes nothing (an argmax site's differs from a ReLU
     # site's); whole-model settings of the compiled model (zero-skip) carry over to every trial
     decisions = {s.name: s.decision for s in prepared.analysis.sites}
+    if test != "stats" and "argmax" in decisions.values():
+        grid = dataclasses.replace(grid, head_errors=tuple(head_errors))
     base = Config(k=min(ks), test=kernel_test, stages=stages, zero_skip=compiled.config.zero_skip, order=order,
-                  **grid.settings(min(ks), "", grid.off),
-                  sites={s: SiteConfig(**grid.settings(min(ks), s, grid.off, d)) for s, d in decisions.items()
+                  **grid.off(),
+                  sites={s: SiteConfig(**grid.off(d)) for s, d in decisions.items()
                          if d == "argmax"})
     Config(k=exact_k)  # validates
     exact_variant = build(dataclasses.replace(base, k=exact_k, mode="exact")) if exact or hybrid else None
@@ -248,35 +256,69 @@ def _site_settings(sc: SiteConfig | None) -> dict:
 
 @dataclass(frozen=True)
 class _Grid:
+    """What the profile searches per site. ReLU sites: ``values`` of ``setting`` ("alpha",
+    "threshold", or "price" for per-output thresholds fitted into ``fitted``). Argmax sites
+    under the threshold and fitted tests: ``head_errors``, each fitted into a margin in
+    ``margins`` (:func:`exprune_fx.fitting.fit_margin`)."""
+
     setting: str  # "alpha", "threshold" or "price"
     values: tuple[float, ...]
-    off: float  # the value that prunes nothing
     fitted: dict | None = None  # test="fitted": (k, site, price) -> per-output thresholds
+    head_errors: tuple[float, ...] = ()  # the threshold and fitted tests: the argmax sites' grid
+    margins: dict = field(default_factory=dict)  # (k, site, error) -> the argmax site's margin
+
+    @property
+    def records(self) -> bool:
+        """Whether the profile's nothing-pruned pass records what the tests see (to fit)."""
+        return self.fitted is not None or bool(self.head_errors)
+
+    def values_for(self, decision: str) -> list[float]:
+        """A site's grid, from the least to the most aggressive (a larger alpha, threshold,
+        price or error prunes more)."""
+        return sorted(self.head_errors if decision == "argmax" and self.head_errors else self.values)
+
+    def key(self, decision: str) -> str:
+        """What a site's grid value is called in the report."""
+        return "head_error" if decision == "argmax" and self.head_errors else self.setting
+
+    def off(self, decision: str = "relu") -> dict:
+        """The settings that prune nothing. The threshold test reads an argmax site's margin
+        the other way round (a row stops when the leader's mean advantage exceeds it), so there
+        it is ``+inf``, where a ReLU site's is ``-inf``."""
+        if self.setting == "alpha":
+            return {"alpha": 0.0}
+        return {"threshold": math.inf if decision == "argmax" else -math.inf}
 
     def settings(self, k: int, site: str, value: float, decision: str = "relu") -> dict:
-        """The settings of ``site`` (whose decision is ``decision``) that ``value`` of the grid
-        stands for. The threshold test compares an argmax site's margin the other way round (it
-        stops a row when the leader's mean advantage exceeds it): there a threshold ``t`` of the
-        grid is the margin ``-t``, and ``-inf`` (prune nothing) is ``+inf``."""
+        """The settings of ``site`` (whose decision is ``decision``) that ``value`` of its grid
+        stands for."""
         if self.setting == "alpha":
             return {"alpha": value}
-        if value == self.off:
-            return {"threshold": math.inf if decision == "argmax" else -math.inf}
+        if decision == "argmax" and self.head_errors:
+            return {"threshold": self.margins[(k, site, value)]}
         if self.fitted is None:
-            return {"threshold": -value if decision == "argmax" else value}
+            return {"threshold": value}
         return {"thresholds": self.fitted[(k, site, value)]}
 
     def fit(self, k: int, variant: CompiledModel, record) -> list[str]:
-        """Fit every recorded site of ``variant`` at every price; the sites fitted."""
-        fitted = []
+        """Fit every recorded site of ``variant`` at every value of its grid; the sites the
+        grid applies to (every rewritten site, except ReLU sites without per-output thresholds
+        under the fitted test, and argmax sites that recorded nothing)."""
+        tunable = []
         for report in variant.rewritten_sites:
             samples = record.samples(getattr(variant.graph_module, report.counters))
-            if report.per_output is None or samples is None:
-                continue
-            for price in self.values:
-                self.fitted[(k, report.name, price)] = tuple(fit_thresholds(*samples, price).tolist())
-            fitted.append(report.name)
-        return fitted
+            if report.decision == "argmax" and self.head_errors:
+                if samples is None:
+                    continue
+                for error in self.head_errors:
+                    self.margins[(k, report.name, error)] = fit_margin(*samples, error)
+            elif self.fitted is not None:
+                if report.per_output is None or samples is None:
+                    continue
+                for price in self.values:
+                    self.fitted[(k, report.name, price)] = tuple(fit_thresholds(*samples, price).tolist())
+            tunable.append(report.name)
+        return tunable
 
 
 def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Grid, max_drop, progress):
@@ -289,30 +331,29 @@ def _profile(build, evaluate, subset, dense_subset, ks, base: Config, grid: _Gri
     tunable = {}  # per k: the sites the grid applies to
     for k, variant in variants:  # nothing pruned: every negative output is counted (and, to fit, recorded)
         variant.reset_stats()
-        with observe.recording() if grid.fitted is not None else contextlib.nullcontext() as record:
+        with observe.recording() if grid.records else contextlib.nullcontext() as record:
             evaluate(variant, subset)
         oracle[k] = variant.exprune_stats()["oracle_reduction"]
-        tunable[k] = grid.fit(k, variant, record) if grid.fitted is not None else \
-            [r.name for r in variant.rewritten_sites]
-    values = sorted(grid.values)  # a larger alpha, threshold or price prunes more
-    bar = tqdm(total=sum(len(t) for t in tunable.values()) * len(values), desc="profiling sites",
-               disable=not progress)
+        tunable[k] = grid.fit(k, variant, record) if grid.records else [r.name for r in variant.rewritten_sites]
+    decisions = {r.name: r.decision for _, v in variants for r in v.rewritten_sites}
+    bar = tqdm(total=sum(len(grid.values_for(decisions[s])) for t in tunable.values() for s in t),
+               desc="profiling sites", disable=not progress)
     for k, variant in variants:
-        decisions = {r.name: r.decision for r in variant.rewritten_sites}
         for site in tunable[k]:
+            values = grid.values_for(decisions[site])
             for i, value in enumerate(values):
                 settings = grid.settings(k, site, value, decisions[site])
                 variant.retune(site, **settings)
                 variant.reset_stats()
                 drop = dense_subset - evaluate(variant, subset)
                 candidates.append({"site": site, "k": k, "mode": variant.config.for_site(site).mode,
-                                   grid.setting: value, "settings": settings, "drop": drop,
+                                   grid.key(decisions[site]): value, "settings": settings, "drop": drop,
                                    "saving": _site_saving(variant, site)})
                 bar.update(1)
                 if drop > max_drop:
                     bar.update(len(values) - i - 1)
                     break
-            variant.retune(site, **grid.settings(k, site, grid.off, decisions[site]))
+            variant.retune(site, **grid.off(decisions[site]))
     bar.close()
     return candidates, oracle
 
@@ -390,7 +431,7 @@ def _allocate(build, evaluate, base: Config, all_sites: list[str], candidates: l
         value, trial_batches = evaluate.per_batch(compiled)
         drop, se = paired_drop(dense_batches, trial_batches)
         accepted = drop + margin * se <= max_drop
-        settings = {k: last[k] for k in ("mode", grid.setting) if k in last}
+        settings = {k: last[k] for k in ("mode", grid.setting, "head_error") if k in last}
         steps.append({"site": last["site"], "k": last["k"], **settings, "phase": phase, "metric": value,
                       "drop": drop, "drop_se": se, "reduction": compiled.exprune_stats()["reduction"],
                       "accepted": accepted})

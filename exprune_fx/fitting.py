@@ -19,6 +19,21 @@ Example:
     tensor([-1.5000,    -inf])
     >>> fit_thresholds(statistic, z, price=1.0)
     tensor([1.5000,   -inf])
+
+An argmax site (dominance prediction) stops a whole row when the leader's smallest mean
+advantage after k terms exceeds one margin. :func:`fit_margin` chooses that margin from
+recorded rows so that at most a given fraction of all rows would stop on a leader that is not
+their final argmax; the leader's estimate is then what the argmax reads, so this fraction is
+the most the site can change the argmax decisions on the recorded data:
+
+    >>> advantage = torch.tensor([0.9, 0.7, 0.5, 0.4, 0.2, 0.1])
+    >>> final = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])  # row 2's leader is overtaken later
+    >>> round(fit_margin(advantage, final, error=0.0), 4)  # stop rows 0 and 1 only
+    0.6
+    >>> round(fit_margin(advantage, final, error=1 / 6), 4)  # one wrong stop in six rows: rows 0 to 3
+    0.3
+    >>> fit_margin(advantage, 1 - final, error=0.0)  # row 0's leader is wrong: no row stops
+    inf
 """
 
 from __future__ import annotations
@@ -49,3 +64,32 @@ def fit_thresholds(statistic: torch.Tensor, z: torch.Tensor, price: float) -> to
     threshold = torch.maximum(((below + upper.squeeze(1)) / 2).float(),
                               torch.nextafter(below.float(), torch.tensor(math.inf)))
     return torch.where(best > 0, threshold, torch.full_like(threshold, -math.inf))
+
+
+def fit_margin(statistic: torch.Tensor, final: torch.Tensor, error: float) -> float:
+    """The margin of an argmax site from recorded rows (see the module docstring):
+    ``statistic`` [rows] the leader's smallest mean advantage after k terms, ``final`` [rows]
+    1 where that leader is the final argmax, else 0; ``error`` in [0, 1) the largest fraction
+    of all rows that may stop on a wrong leader. The rows that stop are those with the largest
+    statistics, as many as the error allows; the margin is halfway between the last of them and
+    the next (the test is ``>``); ``inf`` (never stop) when no row can."""
+    if not (isinstance(error, (int, float)) and 0 <= error < 1):
+        raise ValueError(f"error must be a number in [0, 1) (got {error!r})")
+    statistic, final = statistic.reshape(-1).double(), final.reshape(-1).double()
+    if statistic.shape != final.shape or statistic.numel() == 0:
+        raise ValueError(f"statistic and final must be the same non-empty size (got {tuple(statistic.shape)} and "
+                         f"{tuple(final.shape)})")
+    ordered, order = statistic.sort(descending=True)
+    wrong = (1 - final[order]).cumsum(0)
+    # a prefix may end only where the statistic changes (tied rows stop together)
+    ends = torch.cat([ordered[1:] < ordered[:-1], torch.tensor([True])])
+    ok = ((wrong <= error * statistic.numel() + 1e-9) & ends & torch.isfinite(ordered)).nonzero()
+    if ok.numel() == 0:
+        return math.inf
+    last = int(ok.max())
+    below = float(ordered[last + 1]) if last + 1 < ordered.numel() else -math.inf
+    # halfway to the next row, and in float32 below the last row that stops (with none after it, just below it)
+    under = torch.nextafter(ordered[last].float(), torch.tensor(-math.inf))
+    if math.isinf(below):
+        return float(under)
+    return float(torch.minimum(torch.tensor((float(ordered[last]) + below) / 2).float(), under))

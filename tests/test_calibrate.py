@@ -1,5 +1,7 @@
 """calibrate(): the budget holds on held-out data, the search is cheap and deterministic."""
 
+import math
+
 import pytest
 import torch
 
@@ -154,7 +156,7 @@ def test_allocation_falls_back_when_a_profiled_setting_fails_verification():
             return 0.9 - model.drop, [(100, 0.9 - model.drop)] * 4
 
     config, steps = _allocate(lambda cfg: _Additive(cfg, true_drop), Evaluate(), exprune_fx.Config(k=16),
-                              ["a", "b"], profiled, [(100, 0.9)] * 4, 0.01, 1.0, _Grid("alpha", (0.05, 0.2), 0.0),
+                              ["a", "b"], profiled, [(100, 0.9)] * 4, 0.01, 1.0, _Grid("alpha", (0.05, 0.2)),
                               False)
     chosen = {name: sc.alpha for name, sc in config.sites.items() if sc.enabled}
     assert chosen == {"a": 0.05, "b": 0.2}  # a's larger setting failed; its smaller one fits beside b's
@@ -217,19 +219,20 @@ def test_calibration_keeps_zero_skip(setup):
 def test_an_argmax_head_prunes_nothing_until_its_setting_is_chosen(setup, kind):
     """Under the threshold and fitted tests, a threshold of -inf prunes nothing at a ReLU site
     but stops every row of an argmax head (its margin reads the other way): the head must start
-    at +inf, and stay disabled where the grid gives it no setting, or the profile sees every
-    ReLU setting fail (threshold) and the result misses its budget (fitted)."""
+    at +inf, or the profile sees every ReLU setting fail (threshold) and the result misses its
+    budget (fitted). The head's own grid is ``head_errors``, each a margin fitted on the
+    profile subset; it is profiled and chosen like any other site's."""
     model, val, test = setup
     compiled = exprune_fx.compile(model, val[0][0][:4], outputs={"output": "argmax"})
     assert [r.decision for r in compiled.rewritten_sites] == ["relu", "argmax"]
     grid = {"thresholds": (-0.05, 0.0)} if kind == "threshold" else {"prices": (0.1, 0.4)}
     result = exprune_fx.calibrate(compiled, val[:4], max_drop=0.01, ks=(16,), test=kind, exact=False, hybrid=False,
-                                  progress=False, **grid)
+                                  head_errors=(0.001, 0.01, 0.05), progress=False, **grid)
     assert result.report["metric_drop"] <= 0.01
     assert accuracy(model, test) - accuracy(result.compiled, test) <= 0.01 + 0.01
     assert result.config.for_site("linear_1").enabled and result.report["reduction"] > 0.05
     head = result.config.for_site("linear_2")
-    if kind == "fitted":
-        assert not head.enabled  # per-output thresholds are a ReLU site's
-    elif head.enabled:
-        assert head.threshold >= 0  # the grid's threshold t is the margin -t
+    head_steps = [s for s in result.report["steps"] if s["site"] == "linear_2"]
+    assert all("head_error" in s for s in head_steps)
+    if head.enabled:
+        assert head_steps and 0 <= head.threshold < math.inf  # a fitted margin: the leader's advantage is >= 0

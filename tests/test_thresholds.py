@@ -13,7 +13,7 @@ from torch import nn
 
 import exprune_fx
 from exprune_fx import Config, ExPruneWarning, InputError, SiteConfig
-from exprune_fx.fitting import fit_thresholds
+from exprune_fx.fitting import fit_margin, fit_thresholds
 from exprune_fx.runtime import fast, observe
 from exprune_fx.zoo import residual_cnn
 from test_calibrate import accuracy, setup  # noqa: F401  (the module-scoped fixture)
@@ -180,6 +180,67 @@ def test_fit_rejects_bad_inputs():
         fit_thresholds(torch.zeros(2, 3), torch.zeros(2, 3), 0.0)
     with pytest.raises(ValueError, match=r"\[outputs, samples\]"):
         fit_thresholds(torch.zeros(2, 3), torch.zeros(3, 2), 0.1)
+
+
+def test_an_argmax_head_records_its_leaders_smallest_advantage_and_whether_it_is_final():
+    """What the argmax kernel records is recomputed by hand from the head's input; a margin
+    fitted at an error rate then stops exactly the rows whose statistic exceeds it, and at
+    most that fraction of rows change their argmax (on the data it was fitted on)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    x = torch.randn(400, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExPruneWarning)
+        compiled = exprune_fx.compile(model, x[:4], Config(k=8, test="threshold", sites={
+            "linear": SiteConfig(enabled=False), "linear_1": SiteConfig(threshold=math.inf)}), {"output": "argmax"})
+    head = compiled.rewritten_sites[0]
+    assert head.decision == "argmax"
+    with observe.recording(per_call=1 << 30) as record:
+        compiled(x)
+    statistic, final = record.samples(getattr(compiled.graph_module, head.counters))
+    with torch.no_grad():
+        h = model[1](model[0](x))
+        w, b = model[2].weight, model[2].bias
+        partial = h[:, :8] @ w[:, :8].T + b * (8 / 64)
+        leader = partial.argmax(1, keepdim=True)
+        advantage = ((partial.gather(1, leader) - partial) / 8).scatter(1, leader, math.inf).amin(1)
+    torch.testing.assert_close(statistic[0], advantage, rtol=1e-5, atol=1e-6)
+    assert torch.equal(final[0].bool(), leader.squeeze(1) == model(x).argmax(1))
+    assert 0 < int(final.sum()) < len(x)  # both kinds of rows occur
+    for error in (0.0, 0.02, 0.1):
+        margin = fit_margin(statistic, final, error)
+        compiled.retune("linear_1", threshold=margin)
+        compiled.reset_stats()
+        with fast.use("reference"):
+            changed = int((compiled(x).argmax(1) != model(x).argmax(1)).sum())
+        assert compiled.exprune_stats()["sites"]["linear_1"]["pruned"] == int((statistic > margin).sum()) > 0
+        assert changed <= error * len(x) + 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.5, 1.0]), min_size=1, max_size=25),
+       st.integers(0, 10_000), st.floats(0.0, 0.5))
+def test_a_fitted_margin_stops_the_most_rows_within_the_error(values, seed, error):
+    """Against brute force over every cut (ties included: tied rows stop together): the
+    margin stops the largest set of top rows whose wrong leaders are at most ``error`` of all
+    rows, and nothing when even the top group has too many."""
+    g = torch.Generator().manual_seed(seed)
+    statistic = torch.tensor(values)
+    final = (torch.rand(len(values), generator=g) < 0.7).float()
+    margin = fit_margin(statistic, final, error)
+    stopped = statistic > margin
+    assert float((1 - final)[stopped].sum()) <= error * len(values) + 1e-9
+    feasible = [int((statistic >= t).sum()) for t in statistic.unique()
+                if float((1 - final)[statistic >= t].sum()) <= error * len(values) + 1e-9]
+    assert int(stopped.sum()) == max(feasible, default=0)
+    assert bool((fit_margin(statistic, final, min(error * 2, 0.99)) <= margin))
+
+
+def test_fit_margin_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="error"):
+        fit_margin(torch.zeros(3), torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="same non-empty size"):
+        fit_margin(torch.zeros(3), torch.ones(2), 0.1)
 
 
 def test_recording_keeps_at_most_per_call_samples_and_does_not_nest():

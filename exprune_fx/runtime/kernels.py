@@ -368,6 +368,10 @@ def argmax_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critic
     gap = (partial.gather(1, leader) - partial) / k  # mean of d_i = t_i(leader) - t_i(c)
     if test == THRESHOLD:
         dominated = gap > critical
+        if observe.active():  # per row: the leader's smallest advantage, and whether it is the final leader
+            rival = gap.scatter(1, leader, math.inf).amin(1, keepdim=True)
+            full = a * (s1 + x2[:, ku:] @ weight[:, ku:].T) + c
+            observe.add(stats, rival, (full.argmax(1, keepdim=True) == leader).to(x2.dtype), 1)
     else:
         s2, cross = _leader_moments(x2[:, :ku], wk, leader, k, unit)
         al = a[leader.squeeze(1)].unsqueeze(1)

@@ -1,4 +1,4 @@
-"""Record what each ReLU site's test sees, to fit per-output thresholds from data.
+"""Record what each site's threshold test sees, to fit its thresholds from data.
 
 Inside :func:`recording`, every ReLU kernel with a compile-time weight (linear and convolution
 sites; statistical single-stage, or hybrid) adds, per call, its outputs' test statistic (the
@@ -9,6 +9,11 @@ reference kernels run throughout (the fast kernels do not record). Record with n
 (threshold ``-inf``): a pruned output's ``z`` is not computed. Each call keeps at most
 ``per_call`` positions (rows, or image positions), drawn at random with a seeded generator, so
 that memory stays bounded.
+
+An argmax (dominance) kernel under the threshold test records one "output" per site: per row,
+the statistic is the leader's smallest mean advantage over another class after k terms (the
+row stops when it exceeds the margin), and ``z`` is 1 where that leader is the row's final
+argmax and 0 where it is not (:func:`exprune_fx.fitting.fit_margin`).
 
 Example:
     >>> import torch
@@ -64,7 +69,7 @@ class Recording:
 
 @contextlib.contextmanager
 def recording(per_call: int = 8192, seed: int = 0):
-    """Record every call of the ReLU kernels inside the block (see the module docstring)."""
+    """Record every call of the ReLU and argmax kernels inside the block (see the module docstring)."""
     if _state["record"] is not None:
         raise RuntimeError("exprune-fx: recordings do not nest")
     record = Recording(per_call, seed)
