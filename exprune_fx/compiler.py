@@ -192,21 +192,24 @@ class CompiledModel(torch.nn.Module):
                 "dense_macs": c["dense"], "executed_macs": executed, "partial_macs": c["partial"],
                 "test_macs": c["test"], "remainder_macs": c["remainder"], "computed_macs": c["computed"],
                 # a perfect sign predictor at this k skips the remainder of every negative output
-                # (at the first stage's k: the same share k/n of every output's terms)
-                "oracle_saved_macs": c["negative"] * c["dense"] / c["outputs"] * (1 - report.k / report.n)
-                if c["outputs"] else 0.0,
+                # (at the first stage's k: the same share k/n of every output's terms); a perfect
+                # dominance predictor (argmax) stops every row
+                "oracle_saved_macs": (c["dense"] if report.decision == "argmax" else c["negative"] * c["dense"]
+                                      / c["outputs"]) * (1 - report.k / report.n) if c["outputs"] else 0.0,
             }
             site_dense += c["dense"]
             site_executed += executed
         other = self._other_flops_per_row * self._rows
         dense_flops = 2 * site_dense + other
         executed_flops = 2 * site_executed + other
-        oracle_saved = 2 * sum(s["oracle_saved_macs"] for s in sites.values() if s["decision"] == "relu")
+        oracle_saved = {d: 2 * sum(s["oracle_saved_macs"] for s in sites.values() if s["decision"] == d)
+                        for d in ("relu", "argmax")}
         return {
             "sites": sites, "calls": self._calls, "rows": self._rows,
             "dense_flops": dense_flops, "executed_flops": executed_flops,
             "reduction": 1.0 - executed_flops / dense_flops if dense_flops else 0.0,
-            "oracle_reduction": oracle_saved / dense_flops if dense_flops else 0.0,
+            "oracle_reduction": oracle_saved["relu"] / dense_flops if dense_flops else 0.0,
+            "argmax_oracle_reduction": oracle_saved["argmax"] / dense_flops if dense_flops else 0.0,
             "zero_skip": self._zero_skip_stats(dense_flops, executed_flops),
             "note": FLOPS_NOTE,
         }

@@ -50,6 +50,9 @@ def test_calibration_table_has_zero_skip_columns_only_when_measured():
     lines = calibration.to_markdown([skipped, row]).splitlines()
     assert lines[1].count("---") == 13 and all(line.count("|") == 14 for line in lines)
     assert "| 50.00% | 30.00% |" in lines[2] and "| - | - |" in lines[3]
+    head = {**row, "argmax_oracle_reduction": 0.1, "fraction_of_both_oracles": 0.4}
+    line = calibration.to_markdown([head]).splitlines()[2]
+    assert "| 40.00% + 10.00% argmax | 50% / 40% |" in line and line.count("|") == 12
 
 
 def test_wallclock_pieces_on_a_small_mlp():

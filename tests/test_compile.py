@@ -219,6 +219,19 @@ def test_trained_model_saves_flops_within_one_point():
     run(never, x)
     oracle = never.exprune_stats()["oracle_reduction"]
     assert stats["reduction"] < oracle < 1  # a perfect sign predictor at k=32 saves more
+    assert stats["argmax_oracle_reduction"] == 0.0  # no argmax site
+
+
+def test_the_argmax_oracle_stops_every_row_of_the_head_after_k_terms():
+    model, (x, _) = trained_mlp()
+    never = exprune_fx.compile(model, x[:8], Config(alpha=0.0, k=32), outputs={"output": "argmax"})
+    run(never, x)
+    stats = never.exprune_stats()
+    head = [s for s in stats["sites"].values() if s["decision"] == "argmax"]
+    assert len(head) == 1 and head[0]["pruned"] == 0  # alpha 0 stops no row
+    expected = 2 * head[0]["dense_macs"] * (1 - 32 / head[0]["n"]) / stats["dense_flops"]
+    assert stats["argmax_oracle_reduction"] == pytest.approx(expected) and expected > 0
+    assert stats["oracle_reduction"] > 0  # the ReLU sites' sign oracle is counted apart
 
 
 def test_rewritten_graph_exports_and_prints():
