@@ -107,6 +107,9 @@ def test_bad_arguments(setup):
         exprune_fx.calibrate(compiled, val, order="magnitude")
     with pytest.raises(InputError, match="what exprune_fx.compile returned"):
         exprune_fx.calibrate(model, val)
+    for bad in ((), (1.0,), (-0.1,), ("x",)):
+        with pytest.raises(InputError, match="head_errors"):
+            exprune_fx.calibrate(compiled, val, test="threshold", head_errors=bad)
 
 
 def test_paired_drop_standard_error():
