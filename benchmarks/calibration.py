@@ -9,7 +9,7 @@ held-out test split:
 dense and calibrated metric, whole-model FLOPs reduction (FLOPs = 2 x MACs), the oracle bound
 (a perfect sign predictor at the smallest k, measured on the test split) and the fraction of
 it reached (with an argmax head, also what a perfect dominance predictor would add there, and
-the fraction of both: "25.40% + 6.68% argmax | 84% / 66%"), and the calibration's cost
+the fraction of both: "25.40% + 7.21% argmax | 84% / 65%"), and the calibration's cost
 (evaluations in full-data equivalents, seconds).
 Writes ``calibration.json``, ``calibration.md`` and PNG plots (metric-vs-FLOPs per model,
 per-site prune rates).
