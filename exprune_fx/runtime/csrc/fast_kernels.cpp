@@ -326,7 +326,6 @@ void dense_epilogue(at::Tensor z, const at::Tensor& scale, const at::Tensor& off
       if (rows) {
         const float* cr = cp ? cp + b * c0 : nullptr;
         if (cr && c1 == 1) {
-#pragma omp simd reduction(+ : neg)
           for (int64_t j = 0; j < n; ++j) { const float v = ap[j] * zr[j] + cr[j]; zr[j] = v; neg += v < 0; }
         } else {
           for (int64_t j = 0; j < n; ++j) { const float v = ap[j] * zr[j] + (cr ? cr[j * c1] : 0.0f); zr[j] = v; neg += v < 0; }
@@ -336,14 +335,11 @@ void dense_epilogue(at::Tensor z, const at::Tensor& scale, const at::Tensor& off
         const float a = ap[j];
         const float* cr = cp ? cp + i * c0 + j * c1 : nullptr;
         if (!cr) {
-#pragma omp simd reduction(+ : neg)
           for (int64_t s = 0; s < sp; ++s) { const float v = a * zr[s]; zr[s] = v; neg += v < 0; }
         } else if (c2 == 0) {
           const float c = cr[0];
-#pragma omp simd reduction(+ : neg)
           for (int64_t s = 0; s < sp; ++s) { const float v = a * zr[s] + c; zr[s] = v; neg += v < 0; }
         } else if (c2 == 1) {
-#pragma omp simd reduction(+ : neg)
           for (int64_t s = 0; s < sp; ++s) { const float v = a * zr[s] + cr[s]; zr[s] = v; neg += v < 0; }
         } else {
           for (int64_t s = 0; s < sp; ++s) { const float v = a * zr[s] + cr[s * c2]; zr[s] = v; neg += v < 0; }
