@@ -307,7 +307,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--val", type=int, default=500, help="validation images for the CNN/MLP calibration")
+    parser.add_argument("--val", type=int, default=2000, help="validation images for the CNN/MLP calibration")
     parser.add_argument("--test", type=int, default=2000, help="test images for the reported accuracy")
     args = parser.parse_args(argv)
     if fast.module() is None:
