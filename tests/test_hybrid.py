@@ -203,3 +203,50 @@ def test_pruned_weights_keep_the_sparse_kernel_and_calibration_falls_back():
                                   thresholds=(1.0,), exact=False, progress=False)
     assert all(s["mode"] == "statistical" for s in result.report["steps"] if s["site"] == "linear_1")
     assert any(s["site"] == "linear_1" for s in result.report["steps"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(architectures(), st.integers(2, 6), st.sampled_from(["exact", "hybrid"]), st.sampled_from(["natural", "magnitude"]),
+       st.booleans())
+def test_fastest_runs_exact_and_hybrid_sites_dense(arch, k, mode, order, aggressive):
+    """Under fast.use("fastest") an exact or hybrid site is one dense product with its whole
+    folded weight (rebuilt from the layouts): the dense model's outputs whatever the settings,
+    every site counted as run dense (nothing pruned, executed = dense)."""
+    from exprune_fx.runtime import fast
+
+    model, x = arch
+    settings_ = {"test": "threshold", "threshold": 0.5 if aggressive else -math.inf} if mode == "hybrid" else {}
+    if mode == "hybrid" and order == "natural" and not aggressive:
+        settings_ = {"alpha": 0.0}
+    compiled = compile_quietly(model, x, Config(mode=mode, k=k, order=order if mode == "hybrid" else "natural",
+                                                **settings_))
+    with fast.use("fastest"):
+        for batch in (x, torch.cat([x, 3 * x])):
+            compiled.reset_stats()
+            torch.testing.assert_close(run(compiled, batch), run(model, batch), rtol=1e-4, atol=1e-4)
+            for name, s in compiled.exprune_stats()["sites"].items():
+                if s["calls"] and s["kind"] != "matmul":
+                    assert s["pruned"] == 0 and s["executed_macs"] == pytest.approx(s["dense_macs"]), name
+
+
+def test_the_dense_weight_is_built_once_per_layout_and_again_after_a_change():
+    from exprune_fx.runtime import exact
+
+    w = torch.randn(8, 64)
+    layouts = sign_order(w)
+    built = []
+
+    def build():
+        built.append(1)
+        return exact.unsorted(*layouts[:3])
+
+    first = exact.built_once(layouts[:3], build)
+    assert exact.built_once(layouts[:3], build) is first and len(built) == 1
+    torch.testing.assert_close(first, w)
+    layouts[0].mul_(1.0)  # an in-place change bumps the version: rebuilt
+    assert exact.built_once(layouts[:3], build) is not first and len(built) == 2
+    key_count = len(exact._BUILT)
+    del first, layouts
+    import gc
+    gc.collect()
+    assert len(exact._BUILT) <= key_count - 2  # freed layouts take their entries with them

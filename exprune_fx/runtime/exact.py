@@ -17,6 +17,10 @@ terms; ``remainder`` the negative terms it summed; ``test`` one comparison per o
 check; ``pruned`` outputs that stopped with negative terms left; ``negative`` stays 0 (there
 is no oracle gap to measure: the mode is already exact).
 
+Under ``fast.use("fastest")`` an exact site runs dense (no exact kernel beats the dense
+layer on CPU): one product with its folded weight, rebuilt from the layouts once and cached
+while they live (:func:`built_once`), counted as a dense call (nothing stopped).
+
 Example:
     >>> import torch
     >>> from exprune_fx.runtime.counters import new_counters, read
@@ -32,12 +36,39 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 
+from . import fast
 from .counters import add
 from .kernels import _CHUNK_ELEMENTS
+
+_BUILT: dict[tuple, object] = {}  # (id, version) of the layouts -> what was built from them
+
+
+def built_once(layouts: tuple, build):
+    """``build()``, once per ``layouts`` (the tensors it reads, unchanged since: their ids and
+    versions are the key); the entry goes when the first of them is freed."""
+    key = tuple((id(t), t._version) for t in layouts)
+    value = _BUILT.get(key)
+    if value is None:
+        value = _BUILT[key] = build()
+        weakref.finalize(layouts[0], _BUILT.pop, key, None)
+    return value
+
+
+def unsorted(positive: torch.Tensor, order: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """The folded weight that :func:`sign_order` laid out, in ``positive``'s shape (its first
+    axis the outputs; ``order`` indexes each output's flattened terms).
+
+    >>> w = torch.tensor([[1.0, -2.0, -3.0], [0.0, 4.0, -1.0]])
+    >>> torch.equal(unsorted(*sign_order(w)[:3]), w)
+    True
+    """
+    flat = positive.reshape(positive.shape[0], -1).clone()
+    return flat.scatter_add_(1, order, negative).view_as(positive)
 
 
 def sign_order(folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,6 +178,17 @@ def _count(stats, stopped, consumed, checks, dense, partial, computed) -> None:
         test=checks.sum(), remainder=consumed.sum(), computed=computed + checks.sum(), negative=0)
 
 
+def _dense(positive, order, negative, count) -> tuple[torch.Tensor, int]:
+    """An exact site's folded weight and its count of nonzero terms (cached)."""
+    return built_once((positive, order, negative, count),
+                      lambda: (unsorted(positive, order, negative), int((positive != 0).sum() + count.sum())))
+
+
+def _count_dense(stats, outputs: int, dense, computed) -> None:
+    """An exact site's call run dense: every nonzero term of every output, nothing stopped."""
+    add(stats, calls=1, outputs=outputs, dense=dense, partial=dense, computed=computed)
+
+
 def exact_relu_matmul(x, positive, order, negative, count, offset, k: int, stats):
     """Exact early exit for ``x @ weight.T`` (x [..., K] >= 0) followed by a ReLU; the
     weight arrives as :func:`sign_order` layouts of its folded form. Returns ``z`` with the
@@ -154,6 +196,13 @@ def exact_relu_matmul(x, positive, order, negative, count, offset, k: int, stats
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], positive.shape[0]
     x2 = x.reshape(-1, big_k)
     m = x2.shape[0]
+    if fast.current() == "fastest":
+        weight, nonzero = _dense(positive, order, negative, count)
+        running = x2 @ weight.T
+        if offset is not None:
+            running += offset.to(x2.dtype).expand(lead + (n_out,)).reshape(m, n_out)
+        _count_dense(stats, running.numel(), m * nonzero, m * n_out * big_k)
+        return running.reshape(lead + (n_out,))
     running = x2 @ positive.T
     if offset is not None:
         running = running + offset.to(x2.dtype).expand(lead + (n_out,)).reshape(m, n_out)
@@ -170,6 +219,14 @@ def exact_relu_conv2d(x, positive, order, negative, count, offset, stride, paddi
     ``positive`` is the folded weight with negative taps zeroed; ``order``/``negative`` index
     each output channel's flattened taps (:func:`sign_order` of the weight viewed [cout, -1]);
     the negative taps are added in blocks by :func:`conv_blocks`."""
+    if fast.current() == "fastest":
+        weight, nonzero = _dense(positive, order, negative, count)
+        running = F.conv2d(x, weight, None, stride, padding, dilation)
+        if offset is not None:
+            running += offset.to(x.dtype)
+        per_map = running.shape[0] * running.shape[2] * running.shape[3]
+        _count_dense(stats, running.numel(), per_map * nonzero, per_map * positive.numel())
+        return running
     running = F.conv2d(x, positive, None, stride, padding, dilation)
     if offset is not None:
         running = running + offset.to(x.dtype)

@@ -19,6 +19,11 @@ head is full width, ``weight`` with every term but each output's k largest zeroe
 sum is one product with it, and the rest (``weight`` with those k terms zeroed) covers all
 the inputs. A head as wide as the input tells the kernels which layout they have.
 
+Under ``fast.use("fastest")`` a hybrid site runs dense (no hybrid kernel beats the dense
+layer on CPU): one product with its whole folded weight (``scale * head`` joined to the
+rest), rebuilt once and cached while the layouts live (:func:`exact.built_once`), then
+the epilogue and the counters of a statistical site run dense (nothing pruned).
+
 Counters: ``partial`` the first k terms of every output; ``test`` the statistical test
 (as in :mod:`.kernels`) plus one comparison per exact check; ``remainder`` the positive
 rest terms of every kept output plus the negative terms it consumed; ``pruned`` outputs the
@@ -44,11 +49,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import observe
+from . import fast, observe
 from .counters import add
-from .exact import conv_blocks, matmul_blocks
-from .kernels import (STATS, _conv_term_sums, _decide_negative, _flatten_offset, _term_mean, _term_sums,
-                      per_channel)
+from .exact import built_once, conv_blocks, matmul_blocks, unsorted
+from .kernels import (STATS, _conv_term_sums, _decide_negative, _dense_call, _flatten_offset, _term_mean,
+                      _term_sums, per_channel)
 
 
 def hybrid_relu_linear(x, head, scale, offset, positive, order, negative, count, unit: int, k: int, test: int,
@@ -60,6 +65,9 @@ def hybrid_relu_linear(x, head, scale, offset, positive, order, negative, count,
     x2 = x.reshape(-1, big_k)
     m, kh = x2.shape[0], k * unit
     c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
+    if fast.current() == "fastest":
+        z = (x2 @ _whole(head, scale, positive, order, negative, big_k).T).reshape(lead + (n_out,))
+        return _dense_call(z, scale.new_ones(n_out), offset, stats, big_k, count_negative=True)
     a = scale.to(x2.dtype)
     if head.shape[1] == big_k:  # magnitude order: a full-width head (threshold test), a full-width rest
         s1, s2, x_rest = x2 @ head.T, None, x2
@@ -86,6 +94,9 @@ def hybrid_relu_conv2d(x, head, scale, offset, positive, order, negative, count,
     kc = k * unit
     cout, cin = head.shape[0], x.shape[1]
     n = cin // unit
+    if fast.current() == "fastest":
+        z = F.conv2d(x, _whole(head, scale, positive, order, negative, cin), None, stride, padding, dilation)
+        return _dense_call(z, scale.new_ones(cout), offset, stats, cin * head[0, 0].numel(), count_negative=True)
     if head.shape[1] == cin:  # magnitude order: a full-width head (threshold test), a full-width rest
         s1, s2, x_rest = F.conv2d(x, head, None, stride, padding, dilation), None, x.contiguous()
     else:
@@ -105,6 +116,17 @@ def hybrid_relu_conv2d(x, head, scale, offset, positive, order, negative, count,
     _count(stats, running, pruned, stopped, consumed, checks, kept_per_channel, positive.view(cout, -1), kc * taps,
            cin * taps, k, test, computed=per_map * cout * cin * taps + blocks)
     return running.masked_fill_(pruned | stopped, 0)
+
+
+def _whole(head, scale, positive, order, negative, width: int) -> torch.Tensor:
+    """The site's whole folded weight (outputs first, ``width`` terms on axis 1): ``scale *
+    head`` joined to the unsorted rest, or added to it where the head is full width
+    (magnitude order). Built once per layout (cached)."""
+    def build():
+        a = scale.to(head.dtype).view((-1,) + (1,) * (head.dim() - 1))
+        rest = unsorted(positive, order, negative)
+        return a * head + rest if head.shape[1] == width else torch.cat([a * head, rest], 1)
+    return built_once((positive, order, negative, head, scale), build)
 
 
 def _count(stats, running, pruned, stopped, consumed, checks, kept_per_output_feature, positive, head_macs: int,
