@@ -64,10 +64,10 @@ def hybrid_relu_linear(x, head, scale, offset, positive, order, negative, count,
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], head.shape[0]
     x2 = x.reshape(-1, big_k)
     m, kh = x2.shape[0], k * unit
-    c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     if fast.current() == "fastest":
         z = (x2 @ _whole(head, scale, positive, order, negative, big_k).T).reshape(lead + (n_out,))
         return _dense_call(z, scale.new_ones(n_out), offset, stats, big_k, count_negative=True)
+    c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     a = scale.to(x2.dtype)
     if head.shape[1] == big_k:  # magnitude order: a full-width head (threshold test), a full-width rest
         s1, s2, x_rest = x2 @ head.T, None, x2
