@@ -85,8 +85,8 @@ def run_model(task: tasks.Task, ks, progress: bool, search: dict = SEARCH, budge
         skip_alone = exprune_fx.compile(task.model, task.example, Config(zero_skip=True, sites={
             s.name: SiteConfig(enabled=False) for s in oracle_model.sites}), task.outputs) if zero_skip else None
     evaluate(oracle_model, task.test, task.metric)
-    oracle = oracle_model.exprune_stats()["oracle_reduction"]
-    argmax_oracle = oracle_model.exprune_stats()["argmax_oracle_reduction"]
+    oracle_stats = oracle_model.exprune_stats()
+    oracle, argmax_oracle = oracle_stats["oracle_reduction"], oracle_stats["argmax_oracle_reduction"]
     if skip_alone is not None:
         evaluate(skip_alone, task.test, task.metric)
     compiled = exprune_fx.compile(task.model, task.example, Config(zero_skip=zero_skip), outputs=task.outputs)

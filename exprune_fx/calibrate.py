@@ -272,14 +272,18 @@ class _Grid:
         """Whether the profile's nothing-pruned pass records what the tests see (to fit)."""
         return self.fitted is not None or bool(self.head_errors)
 
+    def _by_margin(self, decision: str) -> bool:
+        """Whether a site with this decision searches ``head_errors`` (fitted margins)."""
+        return decision == "argmax" and bool(self.head_errors)
+
     def values_for(self, decision: str) -> list[float]:
         """A site's grid, from the least to the most aggressive (a larger alpha, threshold,
         price or error prunes more)."""
-        return sorted(self.head_errors if decision == "argmax" and self.head_errors else self.values)
+        return sorted(self.head_errors if self._by_margin(decision) else self.values)
 
     def key(self, decision: str) -> str:
         """What a site's grid value is called in the report."""
-        return "head_error" if decision == "argmax" and self.head_errors else self.setting
+        return "head_error" if self._by_margin(decision) else self.setting
 
     def off(self, decision: str = "relu") -> dict:
         """The settings that prune nothing. The threshold test reads an argmax site's margin
@@ -294,7 +298,7 @@ class _Grid:
         stands for."""
         if self.setting == "alpha":
             return {"alpha": value}
-        if decision == "argmax" and self.head_errors:
+        if self._by_margin(decision):
             return {"threshold": self.margins[(k, site, value)]}
         if self.fitted is None:
             return {"threshold": value}
@@ -307,7 +311,7 @@ class _Grid:
         tunable = []
         for report in variant.rewritten_sites:
             samples = record.samples(getattr(variant.graph_module, report.counters))
-            if report.decision == "argmax" and self.head_errors:
+            if self._by_margin(report.decision):
                 if samples is None:
                     continue
                 for error in self.head_errors:
