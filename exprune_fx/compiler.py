@@ -117,8 +117,10 @@ class CompiledModel(torch.nn.Module):
                                  f"Cast the input, or compile again with example inputs of that dtype.")
 
     def _lean_call(self, runner, kwargs) -> LeanCall | None:
-        """The lean path (:mod:`.fastcall`) for positional calls of the exported graph itself."""
-        if kwargs or runner is not self.graph_module or not isinstance(runner, torch.fx.GraphModule):
+        """The lean path (:mod:`.fastcall`) for positional calls of the exported graph itself, run
+        eagerly (a frame dynamo traces sees the graph and its ops, not their kernels)."""
+        if (kwargs or runner is not self.graph_module or not isinstance(runner, torch.fx.GraphModule)
+                or torch.compiler.is_compiling()):
             return None
         lean = self.__dict__.get("_lean")
         if lean is None or lean.gm is not runner:

@@ -10,7 +10,11 @@ a small model that is a measurable share of the time (docs/benchmarks.md, "Wall-
   guarded module; once that call has succeeded, later calls with the same signature skip the
   flattening and the guards (the guards are a function of that signature only);
 * attributes (weights, counters) are read from the graph module at every call, so moving it to
-  another device or replacing a buffer takes effect.
+  another device or replacing a buffer takes effect;
+* the ``exprune`` ops' Python kernels are called directly (:data:`runtime.ops.PYTHON_KERNELS`),
+  not through the dispatcher, whose boxing of a site's dozen arguments costs 6-12 us per call
+  (docs/benchmarks.md, "Wall-clock time"); the whole call runs with dynamo disabled, as the
+  ops' kernels do.
 
 Example:
     >>> import torch
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils import _pytree as pytree
+
+from .runtime.ops import PYTHON_KERNELS
 
 MAX_SIGNATURES = 64  # a model called with ever-new shapes keeps the guarded path
 
@@ -58,10 +64,12 @@ class LeanCall:
         for node in list(graph.nodes):
             if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
                 graph.erase_node(node)
+            elif node.op == "call_function" and node.target in PYTHON_KERNELS:
+                node.target = PYTHON_KERNELS[node.target]
         code = graph.python_code(root_module="self")
         namespace = dict(code.globals)
         exec(compile(code.src, "<exprune-fx lean forward>", "exec"), namespace)  # noqa: S102
-        return namespace["forward"]
+        return torch.compiler.disable(namespace["forward"])
 
     def __call__(self, *args):
         """The outputs, or None when this call must take the guarded path."""

@@ -3,11 +3,17 @@ same errors as the guarded path of the exported module."""
 
 import pytest
 import torch
+from archgen import architectures
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import exprune_fx
 from exprune_fx import Config, InputError
 from exprune_fx.fastcall import LeanCall
+from exprune_fx.runtime import fast
+from exprune_fx.runtime.ops import PYTHON_KERNELS
 from exprune_fx.zoo import mlp
+from test_exact import compile_quietly
 
 
 @pytest.fixture()
@@ -90,3 +96,34 @@ def test_keyword_and_non_tensor_calls_use_the_guarded_path():
         for _ in range(2):
             torch.testing.assert_close(compiled(x, scale=torch.tensor(2.0)), model(x, scale=torch.tensor(2.0)))
     assert LeanCall(compiled.graph_module).arity == -1  # keyword inputs: never lean
+
+
+@settings(max_examples=40, deadline=None)
+@given(architectures(), st.integers(2, 6), st.sampled_from(["statistical", "exact", "hybrid"]),
+       st.sampled_from(["reference", "auto", "fastest"]), st.booleans())
+def test_lean_path_calls_the_kernels_directly_with_the_dispatchers_results(arch, k, mode, setting, aggressive):
+    """The lean path calls each ``exprune`` op's Python kernel directly; the guarded module goes
+    through the dispatcher. Same outputs and same counters, for every kind of site, mode and
+    kernel setting, with and without pruning."""
+    model, x = arch
+    tests = {"test": "threshold", "threshold": 0.3} if aggressive else {"alpha": 0.1}
+    compiled = compile_quietly(model, x, Config(k=k, mode=mode, zero_skip=True, **tests))
+    lean = compiled.__dict__["_lean"]
+    gm = compiled.graph_module
+    with torch.no_grad(), fast.use(setting):
+        compiled(x)  # the signature is known: the next call is lean
+        assert lean(x) is not None
+        results = []
+        for call in (lambda: compiled(x), lambda: gm(x)):  # lean, then the dispatcher
+            compiled.reset_stats()
+            out = call()
+            results.append((out, [compiled._counters(s).clone() for s in compiled.rewritten_sites]))
+    (lean_out, lean_counts), (guarded_out, guarded_counts) = results
+    torch.testing.assert_close(lean_out, guarded_out, rtol=0, atol=0)
+    for a, b in zip(lean_counts, guarded_counts):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_every_op_has_its_python_kernel():
+    names = {op.name() for op in PYTHON_KERNELS}
+    assert names == {f"exprune::{name}" for name in torch.ops.exprune}

@@ -42,7 +42,6 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .counters import INDEX
 from .setting import set_scoped
 
 SETTINGS = ("auto", "fast", "fastest", "reference")
@@ -117,14 +116,9 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a linear call has a fast kernel: float32 CPU tensors, a 2-d weight whose rows
-    are contiguous (any row stride: the head and rest are column ranges of it)."""
-    return (current() != "reference" and x.device.type == "cpu" and weight.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1)
-
-
 ROW, BLAS, DENSE = "row-wise", "blas", "dense"
+_KERNELS = (ROW, BLAS, DENSE)  # their codes in csrc/fast_kernels.cpp are their positions here
+_SETTING_CODES = {"auto": 0, "fast": 1, "fastest": 2}
 
 
 def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30) -> str:
@@ -138,31 +132,35 @@ def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30)
       decisions, as many rows as BLAS likes);
     * ``"fastest"``: row-wise when ``reads + rows * OUTPUT_COST / terms <= DENSE_BUDGET``
       (where it beats the dense layer), else the dense layer itself (this call prunes nothing).
+
+    It runs in C++ (``choose`` in csrc/fast_kernels.cpp), inside the same call as the kernel;
+    this function asks it, for tests and tools. Needs the extension (None without it).
     """
-    setting = current()
-    if setting == "fast":
-        return ROW
-    outputs, pruned = stats[INDEX["outputs"]].item(), stats[INDEX["pruned"]].item()
-    survivors = 1.0 - pruned / outputs if outputs else 1.0
-    reads = rows * (k_share + (1.0 - k_share) * survivors)
-    if setting == "fastest":
-        return ROW if reads + rows * OUTPUT_COST / terms <= DENSE_BUDGET else DENSE
-    return ROW if reads <= ROW_BUDGET else BLAS
-
-
-def relu_linear(x2, weight, scale, offset, unit: int, ks: list[int], test: int, critical, stats, kernel: str = ROW):
-    """A fast kernel on x2 [M, K] with ``offset`` None or [M, N] (see csrc/fast_kernels.cpp):
-    ``kernel`` is :data:`ROW`, :data:`BLAS` (many rows) or :data:`DENSE` (the dense layer, nothing
-    pruned); None when the extension is not built or the BLAS kernel does not cover the call
-    (several stages; the stats test on multi-element terms)."""
     ext = module()
-    if ext is None or kernel == BLAS and (len(ks) > 1 or unit != 1 and test == 0):
+    if ext is None:
         return None
-    off = torch.empty(0) if offset is None else offset  # [M, N], broadcast axes of stride 0
-    x2, scale = x2.contiguous(), scale.to(torch.float32).contiguous()
-    crit = torch.as_tensor(critical, dtype=torch.float32).reshape(-1)  # one value, or one per output
-    if kernel == ROW:
-        return ext.relu_linear(x2, weight, scale, off, unit, ks, test, crit, stats)
-    if kernel == BLAS:
-        return ext.relu_linear_dense(x2, weight, scale, off, unit, ks[0], test, crit, stats)
-    return ext.linear_dense(x2, weight, scale, off, stats)
+    return _KERNELS[ext.choose(rows, k_share, stats, terms, _SETTING_CODES.get(current(), 0), ROW_BUDGET,
+                               DENSE_BUDGET, OUTPUT_COST)]
+
+
+def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical, stats, stages: int = 1,
+                kernel: str | None = None):
+    """One call of a linear site (:func:`kernels.relu_linear`'s arguments) on the fast kernels:
+    the kernel :func:`choose` picks, or ``kernel`` (:data:`ROW`, :data:`BLAS` for many rows,
+    :data:`DENSE` for the dense layer, nothing pruned). The checks, the flattening, the cost
+    model and the kernel run in one C++ call: a Python step costs a few microseconds, as much as
+    a batch-1 call can save. None where no fast kernel covers the call: the ``"reference"``
+    setting (unless ``kernel`` is given), the extension not built, tensors other than float32
+    on the CPU, a weight whose columns are not contiguous, or the BLAS kernel with several
+    stages or the stats test on multi-element terms. The caller then runs the reference kernel."""
+    setting = current()
+    if kernel is None and setting == "reference":
+        return None
+    ext = module()
+    if ext is None:
+        return None
+    if not isinstance(critical, torch.Tensor):
+        critical = torch.tensor(float(critical))
+    return ext.linear_site(x, weight, scale, offset, unit, k, test, critical, stats, stages,
+                           _SETTING_CODES.get(setting, 0), -1 if kernel is None else _KERNELS.index(kernel),
+                           ROW_BUDGET, DENSE_BUDGET, OUTPUT_COST)

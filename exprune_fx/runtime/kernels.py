@@ -107,18 +107,14 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
     """:func:`relu_matmul` for a compile-time weight [N, K]: its first k terms (the "head",
     ``weight[:, :k * unit]``) and the rest are column ranges of it. On float32 CPU tensors a
     fast kernel runs (:mod:`.fast`), as :func:`fast.choose` says."""
+    out = fast.relu_linear(x, weight, scale, offset, unit, k, test, critical, stats, stages)
+    if out is not None:
+        return out
     lead, big_k, n_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, big_k)
     m, n, kh = x2.shape[0], big_k // unit, k * unit
     ks = stage_ks(k, n, stages)
-    c = None if offset is None else _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
-    if fast.supported(x2, weight):
-        out = fast.relu_linear(x2, weight, scale, c, unit, ks, test, critical, stats,
-                               kernel=fast.choose(m, kh / big_k, stats, big_k))
-        if out is not None:
-            return out.reshape(lead + (n_out,))
-    if c is None:  # the reference kernel adds a 0-d zero
-        c = _flatten_offset(None, lead + (n_out,), m, n_out, x2)
+    c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     head, rest = weight[:, :kh], weight[:, kh:]
     s1, s2 = _term_sums(x2[:, :kh], head, k, unit, test)
     a = scale.to(x2.dtype)
@@ -252,7 +248,8 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     left undecided again at 2k, 4k, ... terms (for the channels that have any)."""
     if fast.current() == "fastest":  # no convolution kernel beats the dense one on CPU (docs/benchmarks.md)
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        return _dense_call(z, scale, offset, stats, weight[0].numel(), count_negative=True)
+        terms = weight.shape[1] * weight.shape[2] * weight.shape[3]  # MACs per output
+        return _dense_call(z, scale, offset, stats, terms, count_negative=True)
     b, cin, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape
     g, cout_g = groups, cout // groups

@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -30,11 +32,20 @@ from . import exact, hybrid, kernels, sparse
 
 _LIB = torch.library.Library("exprune", "DEF")
 
+# Each op's Python kernel, by overload: the lean call path (exprune_fx/fastcall.py) calls these
+# directly, skipping the dispatcher's boxing of a dozen arguments (6-12 us per call).
+PYTHON_KERNELS: dict = {}
+
 
 def _op(schema: str, impl, fake) -> None:
     """Define ``exprune::<schema>``, run ``impl`` on CPU and CUDA, ``fake`` for shapes."""
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
+    overload = getattr(torch.ops.exprune, name).default
+    schema_names = [a.name for a in overload._schema.arguments]
+    if list(inspect.signature(impl).parameters) != schema_names:  # a graph node may pass any of them by name
+        raise AssertionError(f"exprune::{name}: the kernel's parameters differ from the schema's {schema_names}")
+    PYTHON_KERNELS[overload] = impl
     # the kernel runs eagerly even when called from a frame dynamo is evaluating (the
     # torch.compile backend runs rewritten graphs from compiled code)
     impl = torch.compiler.disable(impl)

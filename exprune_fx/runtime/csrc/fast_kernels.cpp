@@ -379,11 +379,80 @@ at::Tensor linear_dense(const at::Tensor& x, const at::Tensor& weight, const at:
                         const at::Tensor& offset, at::Tensor counters) {
   const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0);
   at::Tensor out = at::mm(x, weight.t());
-  dense_epilogue(out.view({m, n_out, 1}), scale, offset.numel() ? offset.unsqueeze(2) : offset, counters, big_k, true, false);
+  const at::Tensor c = offset.defined() && offset.numel() ? offset.unsqueeze(2) : at::Tensor();
+  dense_epilogue(out.view({m, n_out, 1}), scale, c, counters, big_k, true, false);
   return out;
 }
 
+namespace {
+
+enum Setting { kAuto = 0, kFast = 1, kFastest = 2 };
+enum Kernel { kRowWise = 0, kBlas = 1, kDenseLayer = 2 };
+
+// The term counts tested in turn, as kernels.stage_ks: k, 2k, 4k, ... (`stages` of them, each below n).
+std::vector<int64_t> stage_ks(int64_t k, int64_t n, int64_t stages) {
+  std::vector<int64_t> ks{k};
+  while (static_cast<int64_t>(ks.size()) < stages && 2 * ks.back() < n) ks.push_back(2 * ks.back());
+  return ks;
+}
+
+}  // namespace
+
+// The cost model of fast.choose (documented there): the kernel for one call of a linear site,
+// from its rows, the head's share of the terms, the measured share of outputs kept so far
+// (counters) and the contraction length.
+int64_t choose(int64_t rows, double k_share, const at::Tensor& counters, int64_t terms, int64_t setting,
+               double row_budget, double dense_budget, double output_cost) {
+  if (setting == kFast) return kRowWise;
+  const double* cp = counters.data_ptr<double>();
+  const double survivors = cp[kOutputs] > 0 ? 1.0 - cp[kPruned] / cp[kOutputs] : 1.0;
+  const double reads = rows * (k_share + (1.0 - k_share) * survivors);
+  if (setting == kFastest) return reads + rows * output_cost / terms <= dense_budget ? kRowWise : kDenseLayer;
+  return reads <= row_budget ? kRowWise : kBlas;
+}
+
+// One call of a linear site (kernels.relu_linear's arguments: x [..., K], offset None or
+// broadcastable to [..., N]) on the fast kernels, everything a call needs in one C++ call:
+// the checks, the flattening, the cost model (`kernel` < 0) or a forced kernel, the kernel.
+// None where no fast kernel covers the call (not float32 CPU, columns not contiguous, the BLAS
+// kernel asked for several stages or the stats test on multi-element terms): the caller runs
+// the reference kernel.
+c10::optional<at::Tensor> linear_site(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                      const c10::optional<at::Tensor>& offset, int64_t unit, int64_t k, int64_t test,
+                                      const at::Tensor& critical, at::Tensor counters, int64_t stages, int64_t setting,
+                                      int64_t kernel, double row_budget, double dense_budget, double output_cost) {
+  const bool covered = x.device().is_cpu() && weight.device().is_cpu() && x.scalar_type() == at::kFloat &&
+                       weight.scalar_type() == at::kFloat && x.dim() >= 1 && weight.dim() == 2 &&
+                       weight.stride(1) == 1 && counters.device().is_cpu() &&
+                       counters.scalar_type() == at::kDouble && counters.is_contiguous();
+  if (!covered) return c10::nullopt;
+  const int64_t big_k = x.size(-1), n_out = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, big_k}).contiguous();
+  const int64_t m = x2.size(0);
+  const std::vector<int64_t> ks = stage_ks(k, big_k / unit, stages);
+  if (kernel < 0) {
+    kernel = choose(m, static_cast<double>(k * unit) / big_k, counters, big_k, setting, row_budget, dense_budget,
+                    output_cost);
+  }
+  if (kernel == kBlas && (ks.size() > 1 || (unit != 1 && test == 0))) return c10::nullopt;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(n_out);
+  const at::Tensor c = offset.has_value() ? offset->to(at::kFloat).expand(shape).reshape({m, n_out}) : at::Tensor();
+  const at::Tensor a = scale.to(at::kFloat).contiguous();
+  at::Tensor out;
+  if (kernel == kDenseLayer) {
+    out = linear_dense(x2, weight, a, c, counters);
+  } else {
+    const at::Tensor crit = critical.to(at::kFloat).reshape({-1}).contiguous();
+    out = kernel == kRowWise ? relu_linear(x2, weight, a, c, unit, ks, test, crit, counters)
+                             : relu_linear_dense(x2, weight, a, c, unit, k, test, crit, counters);
+  }
+  return out.view(shape);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("linear_site", &linear_site, "one call of a linear site: checks, cost model, kernel; None if not covered");
+  module.def("choose", &choose, "the cost model: the kernel for one call of a linear site");
   module.def("linear_dense", &linear_dense, "the same site run dense (nothing pruned), counted");
   module.def("dense_site", &dense_site, "a site's epilogue a * z + c in place, counted as run dense");
   module.def("relu_linear", &relu_linear, "ExPrune early exit for relu(a * x @ w.T + c), float32 CPU");
