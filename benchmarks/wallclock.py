@@ -1,8 +1,8 @@
 """Wall-clock time against the dense model: does the clock see the FLOPs that ExPrune skips?
 
-For each case, five variants run side by side in one process, repetitions interleaved
-(dense, inductor, graph, count-only, fast, dense, ...), and each reports its median wall time and
-the median of its per-repetition ratios to dense eager:
+For each case, six variants run side by side in one process, repetitions interleaved (each
+repetition runs every variant once, in a random order), and each reports its median wall time
+and the median of its per-repetition ratios to dense eager:
 
 * ``dense eager``: the original model;
 * ``dense inductor``: ``torch.compile(model)`` (inductor, CPU);
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -61,16 +62,19 @@ CASES = ("mlp", "resnet", "vgg", "opt_lm")
 VARIANTS = ("dense eager", "dense inductor", "dense graph", "count-only", "fast", "fastest")
 
 
-def side_by_side(fns: dict, inputs, repeats: int) -> dict:
-    """Median seconds per variant and the median of per-repetition ratios to the first."""
+def side_by_side(fns: dict, inputs, repeats: int, seed: int = 0) -> dict:
+    """Median seconds per variant and the median of per-repetition ratios to the first. Each
+    repetition runs every variant once, in a new random order: a fixed order favours or
+    penalises a variant by what ran before it (warm caches, the other variant's threads)."""
     names = list(fns)
     times = {name: [] for name in names}
+    order = random.Random(seed)
     with torch.no_grad():
         for name in names:  # warm-up: inductor compiles, the extension loads, caches fill
             for _ in range(3):
                 fns[name](inputs)
         for _ in range(repeats):
-            for name in names:
+            for name in order.sample(names, len(names)):
                 t0 = time.perf_counter()
                 fns[name](inputs)
                 times[name].append(time.perf_counter() - t0)
