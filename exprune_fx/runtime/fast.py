@@ -121,7 +121,7 @@ _KERNELS = (ROW, BLAS, DENSE)  # their codes in csrc/fast_kernels.cpp are their 
 _SETTING_CODES = {"auto": 0, "fast": 1, "fastest": 2}
 
 
-def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30) -> str:
+def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30) -> str | None:
     """The cost model: the kernel for one call of a linear site. Its expected work in weight
     rows read is ``reads = rows * (k_share + (1 - k_share) * survivors)``, ``survivors`` the
     site's measured share of outputs kept so far (counters; 1 before its first call), ``terms``
@@ -154,7 +154,7 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
     on the CPU, a weight whose columns are not contiguous, or the BLAS kernel with several
     stages or the stats test on multi-element terms. The caller then runs the reference kernel."""
     setting = current()
-    if kernel is None and setting == "reference":
+    if kernel is None and setting == "reference" or x.device.type != "cpu":  # (no build for a CUDA run)
         return None
     ext = module()
     if ext is None:
