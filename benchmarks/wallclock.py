@@ -53,6 +53,7 @@ import exprune_fx
 from exprune_fx import Config
 from exprune_fx.datasets import load_fashion_mnist
 from exprune_fx.runtime import fast
+from exprune_fx.runtime.counters import read
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tasks  # noqa: E402
@@ -166,21 +167,21 @@ def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
 
         timing = side_by_side({"dense eager": dense, "count-only": op("reference"), "fast": op("auto"),
                                "fastest": op("fastest")}, None, repeats)
-        c = dict(zip(("calls", "outputs", "pruned", "dense", "partial", "test", "remainder"),
-                     counters["reference"].tolist()))
-        reduction = 1 - (c["partial"] + c["test"] + c["remainder"]) / c["dense"]
+        c = read(counters["reference"])
+        reduction = _site_reduction(counters["reference"])
         rows.append({"case": case, "site_shape": list(weight.shape), "rows": int(x.reshape(-1, x.shape[-1]).shape[0]),
                      "prune_rate": c["pruned"] / c["outputs"], "flops_reduction": reduction, "timing": timing,
                      "realization": _realization(timing["fast"]["ratio"], reduction),
-                     "fastest_realization": _site_fastest_realization(counters["fastest"], timing)})
+                     # the fastest op with its own reduction: it runs dense where pruning does not pay
+                     "fastest_realization": _realization(timing["fastest"]["ratio"],
+                                                         _site_reduction(counters["fastest"]))})
     return rows
 
 
-def _site_fastest_realization(counters: torch.Tensor, timing: dict):
-    """The fastest op's realization with its own FLOPs reduction (it runs dense on the calls
-    where the cost model says pruning does not pay)."""
-    c = dict(zip(("calls", "outputs", "pruned", "dense", "partial", "test", "remainder"), counters.tolist()))
-    return _realization(timing["fastest"]["ratio"], 1 - (c["partial"] + c["test"] + c["remainder"]) / c["dense"])
+def _site_reduction(counters: torch.Tensor) -> float:
+    """One site's FLOPs reduction from its counters: 1 - (partial + test + remainder) / dense."""
+    c = read(counters)
+    return 1 - (c["partial"] + c["test"] + c["remainder"]) / c["dense"]
 
 
 def train_mlp(seed: int = 0) -> torch.nn.Module:

@@ -65,8 +65,8 @@ def hybrid_relu_linear(x, head, scale, offset, positive, order, negative, count,
     x2 = x.reshape(-1, big_k)
     m, kh = x2.shape[0], k * unit
     if fast.current() == "fastest":
-        z = (x2 @ _whole(head, scale, positive, order, negative, big_k).T).reshape(lead + (n_out,))
-        return _dense_call(z, scale.new_ones(n_out), offset, stats, big_k, count_negative=True)
+        weight, ones = _whole(head, scale, positive, order, negative, big_k)
+        return _dense_call((x2 @ weight.T).reshape(lead + (n_out,)), ones, offset, stats, big_k, count_negative=True)
     c = _flatten_offset(offset, lead + (n_out,), m, n_out, x2)
     a = scale.to(x2.dtype)
     if head.shape[1] == big_k:  # magnitude order: a full-width head (threshold test), a full-width rest
@@ -95,8 +95,9 @@ def hybrid_relu_conv2d(x, head, scale, offset, positive, order, negative, count,
     cout, cin = head.shape[0], x.shape[1]
     n = cin // unit
     if fast.current() == "fastest":
-        z = F.conv2d(x, _whole(head, scale, positive, order, negative, cin), None, stride, padding, dilation)
-        return _dense_call(z, scale.new_ones(cout), offset, stats, cin * head[0, 0].numel(), count_negative=True)
+        weight, ones = _whole(head, scale, positive, order, negative, cin)
+        z = F.conv2d(x, weight, None, stride, padding, dilation)
+        return _dense_call(z, ones, offset, stats, cin * head.shape[2] * head.shape[3], count_negative=True)
     if head.shape[1] == cin:  # magnitude order: a full-width head (threshold test), a full-width rest
         s1, s2, x_rest = F.conv2d(x, head, None, stride, padding, dilation), None, x.contiguous()
     else:
@@ -118,14 +119,15 @@ def hybrid_relu_conv2d(x, head, scale, offset, positive, order, negative, count,
     return running.masked_fill_(pruned | stopped, 0)
 
 
-def _whole(head, scale, positive, order, negative, width: int) -> torch.Tensor:
+def _whole(head, scale, positive, order, negative, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The site's whole folded weight (outputs first, ``width`` terms on axis 1): ``scale *
     head`` joined to the unsorted rest, or added to it where the head is full width
-    (magnitude order). Built once per layout (cached)."""
+    (magnitude order); and the unit scale of its dense epilogue. Built once per layout (cached)."""
     def build():
         a = scale.to(head.dtype).view((-1,) + (1,) * (head.dim() - 1))
         rest = unsorted(positive, order, negative)
-        return a * head + rest if head.shape[1] == width else torch.cat([a * head, rest], 1)
+        whole = a * head + rest if head.shape[1] == width else torch.cat([a * head, rest], 1)
+        return whole, scale.new_ones(head.shape[0])
     return built_once((positive, order, negative, head, scale), build)
 
 
