@@ -192,7 +192,7 @@ class CompiledModel(torch.nn.Module):
                 "stages": report.stages, "test": report.test, "order": report.order,
                 "per_output_thresholds": _per_output(report, self.config),
                 "calls": int(c["calls"]),
-                "outputs": int(c["outputs"]), "pruned": int(c["pruned"]),
+                "outputs": int(c["outputs"]), "pruned": int(c["pruned"]), "untested_outputs": int(c["untested"]),
                 "prune_rate": c["pruned"] / c["outputs"] if c["outputs"] else 0.0,
                 "dense_macs": c["dense"], "executed_macs": executed, "partial_macs": c["partial"],
                 "test_macs": c["test"], "remainder_macs": c["remainder"], "computed_macs": c["computed"],

@@ -38,9 +38,11 @@ from .errors import InputError
 from .lifting import _batch_dynamic, _shapes_by_name
 from .passes.rewrite import SiteReport
 from .passes.zero_skip import ZeroSkipReport
+from .runtime.counters import FIELDS, new_counters
 
 FORMAT = "exprune-fx"
-VERSION = 2  # 2: exprune::relu_linear takes the whole weight
+VERSION = 3  # 2: exprune::relu_linear takes the whole weight; 3: the site counters gain ``untested``
+READS = (2, VERSION)  # a version-2 file loads with fresh counters (load() resets them anyway)
 _META = "exprune.json"
 
 
@@ -117,9 +119,10 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> Compi
     except json.JSONDecodeError:
         raise InputError(f"{path} has no exprune-fx record: it is a plain torch.export archive, not a file "
                          f"written by exprune_fx.save") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READS:
         raise InputError(f"{path} has format {meta.get('format')!r} version {meta.get('version')!r}; this "
-                         f"exprune-fx reads {FORMAT!r} version {VERSION}. Compile the model again with this version.")
+                         f"exprune-fx reads {FORMAT!r} versions {', '.join(map(str, READS))}. Compile the model "
+                         f"again with this version.")
     if model is not None:
         _check_model(path, model, meta["model_fingerprint"])
     sites = [SiteReport(**s) for s in meta["sites"]]
@@ -132,6 +135,10 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None) -> Compi
     missing += [r.counters for r in compiled.zero_skipped if not hasattr(graph_module, r.counters)]
     if missing:
         raise InputError(f"{path}: the saved graph lacks the counters {missing}; the file is damaged")
+    for site in compiled.rewritten_sites:  # a version-2 file's counters lack the fields added since
+        old = getattr(graph_module, site.counters)
+        if old.shape != (len(FIELDS),):
+            setattr(graph_module, site.counters, new_counters(old.device))
     compiled.reset_stats()
     return compiled
 

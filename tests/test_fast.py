@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import exprune_fx
 from exprune_fx import Config, InputError
 from exprune_fx.runtime import fast, kernels
-from exprune_fx.runtime.counters import new_counters, read
+from exprune_fx.runtime.counters import FIELDS, new_counters, read
 from exprune_fx.zoo import mlp
 
 NEVER, ALWAYS = -math.inf, math.inf
@@ -127,6 +127,23 @@ def test_cost_model_uses_the_measured_survivor_share():
         assert fast.choose(10_000, 1.0, new_counters()) == fast.ROW
 
 
+def test_cost_model_ignores_outputs_of_calls_run_dense():
+    """Calls run dense prune nothing because they test nothing: their outputs are no evidence
+    about the survivor share, so a site that ran dense on big calls still sees its measured
+    share (counted over the outputs it tested) and can go back to the row-wise kernel."""
+    stats = new_counters()
+    index = {name: i for i, name in enumerate(FIELDS)}
+    stats[index["outputs"]], stats[index["untested"]], stats[index["pruned"]] = 1000.0, 900.0, 90.0  # 10% kept of 100
+    with fast.use("auto"):
+        assert fast.choose(32, 0.02, stats) == fast.ROW  # 32 x (0.02 + 0.98 x 0.1) = 3.8 reads <= 8
+    stats[index["untested"]] = 0.0  # the same counts as if all 1000 had been tested: 91% kept
+    with fast.use("auto"):
+        assert fast.choose(32, 0.02, stats) == fast.BLAS
+    stats[index["untested"]], stats[index["pruned"]] = 1000.0, 0.0  # nothing tested yet: survivors 1, as before any call
+    with fast.use("auto"):
+        assert fast.choose(8, 0.02, stats) == fast.ROW and fast.choose(9, 0.02, stats) == fast.BLAS
+
+
 def test_kernel_setting_is_validated_and_restored():
     before = fast.current()
     with pytest.raises(InputError, match="kernels must be one of"):
@@ -226,6 +243,7 @@ def test_dense_call_equals_the_layer_and_counts_nothing_pruned(rows, outputs, co
     assert cf["pruned"] == 0 and cf["negative"] == cr["negative"] == float((expected < 0).sum())
     assert cf["calls"] == 1 and cf["outputs"] == rows * outputs and cf["dense"] == rows * outputs * columns
     assert cf["partial"] + cf["test"] + cf["remainder"] == cf["dense"] == cf["computed"]
+    assert cf["untested"] == cf["outputs"] and cr["untested"] == 0  # the dense call tested nothing
 
 
 def test_fastest_prunes_where_it_pays_and_runs_dense_elsewhere():
@@ -239,8 +257,13 @@ def test_fastest_prunes_where_it_pays_and_runs_dense_elsewhere():
     with fast.use("fastest"):
         compiled.reset_stats()
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
-        assert sum(s["pruned"] for s in compiled.exprune_stats()["sites"].values()) == 0
+        many = compiled.exprune_stats()["sites"]
+        assert sum(s["pruned"] for s in many.values()) == 0
+        assert all(s["untested_outputs"] == s["outputs"] > 0 for s in many.values())
         torch.testing.assert_close(compiled(x[:1]), one_ref, rtol=1e-4, atol=1e-4)
+        one = compiled.exprune_stats()["sites"]
+        assert all(one[name]["untested_outputs"] == s["untested_outputs"] for name, s in many.items())
+        assert sum(s["pruned"] for s in one.values()) > 0  # the one-row call was tested, and pruned
 
 
 def test_fastest_runs_conv_and_argmax_sites_dense_and_counts_them():
@@ -264,6 +287,7 @@ def test_fastest_runs_conv_and_argmax_sites_dense_and_counts_them():
     for name, site in fastest["sites"].items():
         assert site["pruned"] == 0 and site["executed_macs"] == site["dense_macs"] == reference["sites"][name]["dense_macs"]
         assert site["outputs"] == reference["sites"][name]["outputs"] and site["calls"] == 1
+        assert site["untested_outputs"] == site["outputs"] and reference["sites"][name]["untested_outputs"] == 0
     conv = next(s.name for s in compiled.rewritten_sites if s.kind == "conv2d")
     assert fastest["sites"][conv]["oracle_saved_macs"] > 0  # negatives are counted: the oracle bound stays known
     assert fastest["reduction"] == pytest.approx(0.0, abs=1e-12)

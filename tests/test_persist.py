@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import exprune_fx
-from exprune_fx import Config, InputError
+from exprune_fx import Config, InputError, persist
+from exprune_fx.runtime import counters, fast
 from exprune_fx.zoo import mlp, residual_cnn
 
 
@@ -86,5 +87,27 @@ def test_unknown_format_version_is_refused(tmp_path):
                 meta["version"] = 99
                 data = json.dumps(meta).encode()
             dst.writestr(item, data)
-    with pytest.raises(InputError, match="version 99; this exprune-fx reads 'exprune-fx' version 2"):
+    with pytest.raises(InputError, match="version 99; this exprune-fx reads 'exprune-fx' versions 2, 3"):
         exprune_fx.load(future)
+
+
+def test_version_2_files_load_with_the_counters_of_this_version(tmp_path, monkeypatch):
+    """Version 2 wrote nine counters per site (no ``untested``): such a file loads, runs and counts."""
+    model, x = mlp(widths=(8, 64, 64, 3))
+    compiled = exprune_fx.compile(model, x, Config(alpha=0.3, k=16))
+    path = tmp_path / "v2.pt2"
+    with monkeypatch.context() as patch:
+        patch.setattr(counters, "FIELDS", counters.FIELDS[:9])
+        patch.setattr(persist, "VERSION", 2)
+        old = exprune_fx.compile(model, x, Config(alpha=0.3, k=16))
+        assert getattr(old.graph_module, old.rewritten_sites[0].counters).shape == (9,)
+        exprune_fx.save(old, path)
+    loaded = exprune_fx.load(path, model=model)
+    for site in loaded.rewritten_sites:
+        assert getattr(loaded.graph_module, site.counters).shape == (len(counters.FIELDS),)
+    batch = torch.randn(16, 8)
+    for setting in ("reference", "fastest"):
+        with fast.use(setting):
+            loaded.reset_stats(), compiled.reset_stats()
+            assert torch.equal(call(loaded, batch), call(compiled, batch))
+            assert loaded.exprune_stats()["sites"] == compiled.exprune_stats()["sites"]

@@ -17,7 +17,11 @@ MACs are multiply-accumulates; FLOPs are reported as 2 x MACs.
   a dense kernel on a subset of output columns may compute more than ``remainder``);
 * ``negative``: outputs that were computed in full and came out negative (the decision
   zeroes them): what a perfect sign predictor at the same k would also have skipped. With
-  nothing pruned (alpha = 0) it gives the oracle bound.
+  nothing pruned (alpha = 0) it gives the oracle bound;
+* ``untested``: outputs of calls run dense (the ``"fastest"`` kernels' dense layer, where no
+  early exit pays): counted in ``outputs``, never tested. The cost model's survivor share is
+  ``1 - pruned / (outputs - untested)``, over the outputs that were tested, so calls that ran
+  dense do not pull it toward 1.
 
 Example:
     >>> import torch
@@ -31,7 +35,8 @@ from __future__ import annotations
 
 import torch
 
-FIELDS = ("calls", "outputs", "pruned", "dense", "partial", "test", "remainder", "computed", "negative")
+FIELDS = ("calls", "outputs", "pruned", "dense", "partial", "test", "remainder", "computed", "negative",
+          "untested")
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 

@@ -186,7 +186,7 @@ def _dense(positive, order, negative, count) -> tuple[torch.Tensor, int]:
 
 def _count_dense(stats, outputs: int, dense, computed) -> None:
     """An exact site's call run dense: every nonzero term of every output, nothing stopped."""
-    add(stats, calls=1, outputs=outputs, dense=dense, partial=dense, computed=computed)
+    add(stats, calls=1, outputs=outputs, untested=outputs, dense=dense, partial=dense, computed=computed)
 
 
 def exact_relu_matmul(x, positive, order, negative, count, offset, k: int, stats):

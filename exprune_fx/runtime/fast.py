@@ -124,8 +124,9 @@ _SETTING_CODES = {"auto": 0, "fast": 1, "fastest": 2}
 def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30) -> str | None:
     """The cost model: the kernel for one call of a linear site. Its expected work in weight
     rows read is ``reads = rows * (k_share + (1 - k_share) * survivors)``, ``survivors`` the
-    site's measured share of outputs kept so far (counters; 1 before its first call), ``terms``
-    the contraction length K:
+    site's measured share of outputs kept so far among those it tested (counters: ``1 - pruned
+    / (outputs - untested)``; 1 before its first tested call; calls run dense are no evidence),
+    ``terms`` the contraction length K:
 
     * ``"fast"``: always the row-wise kernel;
     * ``"auto"``: row-wise when ``reads <= ROW_BUDGET``, else the BLAS kernel (the same

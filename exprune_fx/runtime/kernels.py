@@ -322,8 +322,8 @@ def _dense_call(z: torch.Tensor, scale: torch.Tensor, offset, stats, terms: int,
     planes.mul_(scale.view(1, -1, 1))
     if offset is not None:
         z.add_(offset.to(z.dtype))
-    macs = z.numel() * terms
-    add(stats, calls=1, outputs=planes.shape[0] if per_row else z.numel(), dense=macs, remainder=macs, computed=macs,
+    macs, outputs = z.numel() * terms, planes.shape[0] if per_row else z.numel()
+    add(stats, calls=1, outputs=outputs, untested=outputs, dense=macs, remainder=macs, computed=macs,
         negative=(z < 0).sum() if count_negative else 0)
     return z
 

@@ -78,7 +78,7 @@ inline void term_sums(const float* x, const float* w, int64_t terms, int64_t uni
   }
 }
 
-enum { kCalls, kOutputs, kPruned, kDense, kPartial, kTest, kRemainder, kComputed, kNegative, kFields };
+enum { kCalls, kOutputs, kPruned, kDense, kPartial, kTest, kRemainder, kComputed, kNegative, kUntested, kFields };
 
 struct Tally {
   double pruned = 0, used = 0, tests = 0, remainder = 0, negative = 0;
@@ -358,6 +358,7 @@ void dense_epilogue(at::Tensor z, const at::Tensor& scale, const at::Tensor& off
   double* kp = counters.data_ptr<double>();
   kp[kCalls] += 1;
   kp[kOutputs] += per_row ? static_cast<double>(m) : outputs;
+  kp[kUntested] += per_row ? static_cast<double>(m) : outputs;
   kp[kDense] += dense;
   kp[kRemainder] += dense;
   kp[kComputed] += dense;
@@ -410,7 +411,8 @@ int64_t choose(int64_t rows, double k_share, const at::Tensor& counters, int64_t
                double row_budget, double dense_budget, double output_cost) {
   if (setting == kFast) return kRowWise;
   const double* cp = counters.data_ptr<double>();
-  const double survivors = cp[kOutputs] > 0 ? 1.0 - cp[kPruned] / cp[kOutputs] : 1.0;
+  const double tested = cp[kOutputs] - cp[kUntested];  // calls run dense prune nothing: not evidence
+  const double survivors = tested > 0 ? 1.0 - cp[kPruned] / tested : 1.0;
   const double reads = rows * (k_share + (1.0 - k_share) * survivors);
   if (setting == kFastest) return reads + rows * output_cost / terms <= dense_budget ? kRowWise : kDenseLayer;
   return reads <= row_budget ? kRowWise : kBlas;
