@@ -1,7 +1,8 @@
 """Run every benchmark (``make bench``). Results go to ``--out`` as JSON, markdown and PNG plots.
 
 The calibration benchmark dominates (about 40 minutes on 2 cores for its five models at these
-sizes); the static-pruning benchmark takes about 10 minutes, the wall-clock one about 10."""
+sizes); the static-pruning benchmark takes about 10 minutes, the wall-clock one about 10, the
+site-kernel grid about 1."""
 
 import argparse
 import sys
@@ -13,6 +14,7 @@ import analysis_cost  # noqa: E402
 import calibration  # noqa: E402
 import overhead  # noqa: E402
 import prune_effect  # noqa: E402
+import site_kernels  # noqa: E402
 import static_pruning  # noqa: E402
 import wallclock  # noqa: E402
 
@@ -26,6 +28,7 @@ def main() -> None:
     static_pruning.main(["--out", args.out])
     prune_effect.main(["--out", args.out])
     overhead.main(["--out", args.out])
+    site_kernels.main(["--out", args.out])
     wallclock.main(["--out", args.out])
 
 

@@ -75,3 +75,26 @@ def test_wallclock_pieces_on_a_small_mlp():
     row = wallclock.row("mlp", 3, timing, reduction, {"dense_accuracy": 0.5, "accuracy": 0.5, "linear_sites": sites})
     table = wallclock.markdown([row], "test machine")
     assert "| mlp | 3 |" in table and "| mlp | 128 x 128 | 3 |" in table
+
+
+def test_site_kernel_grid_and_fit_on_a_tiny_grid():
+    """The cost model's grid: every cell timed for every kernel at its survivor share, and a
+    fit that picks, from the candidates, constants that lose no more than those in force."""
+    import site_kernels
+
+    from exprune_fx.runtime import fast
+
+    if fast.module() is None:
+        pytest.skip("the fast kernels cannot be built here")
+    cells = site_kernels.grid(shapes=((64, 512, 1, 8),), rows=(1, 4), survivors=(1.0, 0.2), repeats=2, runs=1)
+    assert len(cells) == 4 and all(c["row-wise_ms"] > 0 and c["dense_ms"] > 0 and c["blas_ms"] > 0 for c in cells)
+    for setting in site_kernels.CHOICES:
+        best, lost = site_kernels.fit(cells, setting)
+        assert 0 <= lost <= site_kernels.loss(cells, setting) + 1e-12
+        assert len(best) == len(site_kernels.CHOICES[setting]["constants"])
+    # the in-force choice is the runtime's own: one row, few survivors, K above MIN_TERMS -> row-wise
+    cell = {"rows": 1, "k": 8, "unit": 1, "k_terms": 512, "survivors": 0.2}
+    assert site_kernels.row_chosen(cell, "fastest") and site_kernels.row_chosen(cell, "auto")
+    assert not site_kernels.row_chosen({**cell, "k_terms": 128}, "fastest")
+    text = site_kernels.markdown(cells)
+    assert text.count("| 64 x 512 (1, 8) |") == 4 and "least-loss fit" in text

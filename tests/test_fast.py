@@ -121,8 +121,12 @@ def test_cost_model_uses_the_measured_survivor_share():
         assert fast.choose(32, 0.02, stats) == fast.ROW and fast.choose(200, 0.02, stats) == fast.BLAS
     with fast.use("fastest"):
         assert fast.choose(1, 0.02, stats, 1024) == fast.ROW and fast.choose(200, 0.02, stats, 1024) == fast.DENSE
-        assert fast.choose(8, 0.02, new_counters(), 1024) == fast.DENSE  # nothing pruned yet: 8 rows, 8 dense reads
-        assert fast.choose(1, 0.02, stats, 128) == fast.DENSE  # a short row: the fixed cost per output decides
+        # nothing pruned yet: each row reads the whole weight plus the fixed cost of its outputs
+        rows = int(fast.DENSE_BUDGET / (1 + fast.OUTPUT_COST / 1024))
+        assert fast.choose(rows, 0.02, new_counters(), 1024) == fast.ROW
+        assert fast.choose(rows + 1, 0.02, new_counters(), 1024) == fast.DENSE
+        assert fast.choose(1, 0.02, stats, fast.MIN_TERMS - 1) == fast.DENSE  # a short row: never row-wise
+        assert fast.choose(1, 0.02, stats, fast.MIN_TERMS) == fast.ROW
     with fast.use("fast"):
         assert fast.choose(10_000, 1.0, new_counters()) == fast.ROW
 

@@ -49,19 +49,25 @@ _SOURCE = Path(__file__).parent / "csrc" / "fast_kernels.cpp"
 _state = {"setting": os.environ.get("EXPRUNE_KERNELS", "auto"), "module": None, "failed": None}
 _lock = threading.Lock()
 
-# The cost model's bound, in dense weight reads per call. The row-wise kernel reads each weight
-# row once per input row, while BLAS reuses a row across input rows: measured on 2 cores
-# (docs/benchmarks.md, "Wall-clock time"), the row-wise kernel is about as fast as BLAS up to
-# about 8 rows whatever the survivors, and beats it up to 64 rows when few outputs survive.
-# It is chosen when rows x (k-share + (1 - k-share) x survivor share) is at most this bound.
+# The cost model's constants, fitted to the grid of ``python benchmarks/site_kernels.py --runs 5``
+# (seven layer shapes from 512 x 128 to 1024 x 1024 and 256 x 3136, 1-32 rows, 10-100%
+# survivors; docs/benchmarks.md, "The cost model's data") as the values that lose the least time
+# against always taking the faster kernel, over two runs of the grid on the development machine
+# (AMD EPYC, 2 shared cores, torch 2.13 CPU). The optimum is flat: the best ten candidates lose
+# 5.3-5.4% on average; never running row-wise loses 57-69%.
+#
+# "auto": the row-wise kernel when rows x (k-share + (1 - k-share) x survivor share), its weight
+# rows read, is at most ROW_BUDGET, else the BLAS kernel (which reuses a weight row across rows).
 ROW_BUDGET = 8.0
-# Where the row-wise kernel beats the dense layer itself ("fastest"), in the same units plus a
-# fixed cost per output (its test, its bookkeeping) of OUTPUT_COST weight elements. Measured on
-# 2 cores for layers 128x512 to 1024x1024 and 256x3136, 1-16 rows, 30-100% survivors: the
-# row-wise kernel is faster than the dense layer below about these bounds, and up to 2.5x
-# slower on a 512x128 layer at one row, where the fixed costs dominate.
-DENSE_BUDGET = 1.5
+# "fastest": the row-wise kernel when its reads plus a fixed cost per output (its test and
+# bookkeeping) of OUTPUT_COST weight elements are at most DENSE_BUDGET dense-layer reads, and
+# the rows are at least MIN_TERMS terms long; else the dense layer. The budget is well above 1:
+# BLAS is least efficient on a few rows (its one-row product of a 1024 x 1024 layer takes about
+# twice the row-wise kernel's time with nothing pruned). Short rows lose almost everywhere: the
+# 512 x 128 and 512 x 256 layers run 1.2-2x slower row-wise at one row unless few outputs survive.
+DENSE_BUDGET = 10.0
 OUTPUT_COST = 384.0
+MIN_TERMS = 384
 
 
 def use(setting: str):
@@ -131,8 +137,9 @@ def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30)
     * ``"fast"``: always the row-wise kernel;
     * ``"auto"``: row-wise when ``reads <= ROW_BUDGET``, else the BLAS kernel (the same
       decisions, as many rows as BLAS likes);
-    * ``"fastest"``: row-wise when ``reads + rows * OUTPUT_COST / terms <= DENSE_BUDGET``
-      (where it beats the dense layer), else the dense layer itself (this call prunes nothing).
+    * ``"fastest"``: row-wise when ``reads + rows * OUTPUT_COST / terms <= DENSE_BUDGET`` and
+      ``terms >= MIN_TERMS`` (where it beats the dense layer), else the dense layer itself (this
+      call prunes nothing).
 
     It runs in C++ (``choose`` in csrc/fast_kernels.cpp), inside the same call as the kernel;
     this function asks it, for tests and tools. Needs the extension (None without it).
@@ -141,7 +148,7 @@ def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30)
     if ext is None:
         return None
     return _KERNELS[ext.choose(rows, k_share, stats, terms, _SETTING_CODES.get(current(), 0), ROW_BUDGET,
-                               DENSE_BUDGET, OUTPUT_COST)]
+                               DENSE_BUDGET, OUTPUT_COST, MIN_TERMS)]
 
 
 def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical, stats, stages: int = 1,
@@ -164,4 +171,4 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
         critical = torch.tensor(float(critical))
     return ext.linear_site(x, weight, scale, offset, unit, k, test, critical, stats, stages,
                            _SETTING_CODES.get(setting, 0), -1 if kernel is None else _KERNELS.index(kernel),
-                           ROW_BUDGET, DENSE_BUDGET, OUTPUT_COST)
+                           ROW_BUDGET, DENSE_BUDGET, OUTPUT_COST, MIN_TERMS)
