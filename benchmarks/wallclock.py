@@ -53,7 +53,7 @@ import exprune_fx
 from exprune_fx import Config
 from exprune_fx.datasets import load_fashion_mnist
 from exprune_fx.runtime import fast
-from exprune_fx.runtime.counters import read
+from exprune_fx.runtime.counters import new_counters, read
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tasks  # noqa: E402
@@ -152,7 +152,7 @@ def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
     rows = []
     for args in recorder.calls:
         x, weight, scale, offset, unit, k, test, critical, _, stages = args
-        counters = {setting: torch.zeros(9, dtype=torch.float64) for setting in ("reference", "auto", "fastest")}
+        counters = {setting: new_counters() for setting in ("reference", "auto", "fastest")}
 
         def dense(_):
             z = F.linear(x, weight) * scale

@@ -327,3 +327,13 @@ def test_dense_epilogue_equals_the_folded_layer(shape, rows, features, spatial, 
         assert c["outputs"] == (outputs // features if per_row else outputs)
         assert c["dense"] == c["computed"] == c["remainder"] == 7 * outputs
         assert c["negative"] == (float((expected < 0).sum()) if count_negative else 0.0)
+
+
+def test_counters_of_the_wrong_size_are_refused_not_written_past():
+    """The C++ kernels write every counter field: a shorter vector (a hand-made one, or an old
+    layout) gets a clear error instead of a write past its end."""
+    x, w = torch.rand(2, 64), torch.randn(8, 64)
+    for kernel in (fast.ROW, fast.BLAS, fast.DENSE, None):
+        with fast.use("auto"), pytest.raises(RuntimeError, match="counters must be a contiguous float64 CPU vector"):
+            fast.relu_linear(x, w, torch.ones(8), None, 1, 8, kernels.THRESHOLD, 0.0,
+                             torch.zeros(len(FIELDS) - 1, dtype=torch.float64), kernel=kernel)

@@ -81,6 +81,16 @@ inline void term_sums(const float* x, const float* w, int64_t terms, int64_t uni
 
 enum { kCalls, kOutputs, kPruned, kDense, kPartial, kTest, kRemainder, kComputed, kNegative, kUntested, kFields };
 
+// A site's counters (counters.py): float64, contiguous, on the CPU, one slot per field. Checked on
+// every write: a short vector would be written past its end.
+double* counter_slots(const at::Tensor& counters) {
+  TORCH_CHECK(counters.device().is_cpu() && counters.scalar_type() == at::kDouble && counters.is_contiguous() &&
+                  counters.numel() == kFields,
+              "exprune counters must be a contiguous float64 CPU vector of ", static_cast<int>(kFields),
+              " fields (runtime.counters.new_counters()); got ", counters.sizes(), " ", counters.scalar_type());
+  return counters.data_ptr<double>();
+}
+
 struct Tally {
   double pruned = 0, used = 0, tests = 0, remainder = 0, negative = 0;
 };
@@ -229,7 +239,7 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   }
   const double outputs = static_cast<double>(m) * n_out;
   const double test_macs = stats ? total.used + 4 * total.tests : 2 * total.tests;
-  double* cp = counters.data_ptr<double>();
+  double* cp = counter_slots(counters);
   cp[kCalls] += 1;
   cp[kOutputs] += outputs;
   cp[kPruned] += total.pruned;
@@ -294,7 +304,7 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   for (const Tally& t : tallies) pruned += t.pruned, negative += t.negative;
   const double outputs = static_cast<double>(m) * n_out;
   const double test_macs = stats ? outputs * (k + 4) : 2 * outputs;
-  double* cp = counters.data_ptr<double>();
+  double* cp = counter_slots(counters);
   cp[kCalls] += 1;
   cp[kOutputs] += outputs;
   cp[kPruned] += pruned;
@@ -358,7 +368,7 @@ void dense_epilogue(at::Tensor z, const at::Tensor& scale, const at::Tensor& off
   });
   const int64_t neg = negative.load();
   const double outputs = static_cast<double>(m) * n * sp, dense = outputs * terms;
-  double* kp = counters.data_ptr<double>();
+  double* kp = counter_slots(counters);
   kp[kCalls] += 1;
   kp[kOutputs] += per_row ? static_cast<double>(m) : outputs;
   kp[kUntested] += per_row ? static_cast<double>(m) : outputs;
@@ -413,7 +423,7 @@ std::vector<int64_t> stage_ks(int64_t k, int64_t n, int64_t stages) {
 int64_t choose(int64_t rows, double k_share, const at::Tensor& counters, int64_t terms, int64_t setting,
                double row_budget, double dense_budget, double output_cost, int64_t min_terms) {
   if (setting == kFast) return kRowWise;
-  const double* cp = counters.data_ptr<double>();
+  const double* cp = counter_slots(counters);
   const double tested = cp[kOutputs] - cp[kUntested];  // calls run dense prune nothing: not evidence
   const double survivors = tested > 0 ? 1.0 - cp[kPruned] / tested : 1.0;
   const double reads = rows * (k_share + (1.0 - k_share) * survivors);
