@@ -127,3 +127,37 @@ def test_lean_path_calls_the_kernels_directly_with_the_dispatchers_results(arch,
 def test_every_op_has_its_python_kernel():
     names = {op.name() for op in PYTHON_KERNELS}
     assert names == {f"exprune::{name}" for name in torch.ops.exprune}
+
+
+class _Mixed(torch.nn.Module):
+    """Ops of several shapes of call: keyword arguments, several outputs, eval-mode dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 32), torch.nn.Linear(16, 4)
+        self.norm, self.drop = torch.nn.LayerNorm(32), torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        a, b = torch.chunk(self.drop(self.norm(self.up(x))), 2, dim=-1)
+        return self.down(torch.relu(a) * torch.softmax(b, dim=-1)).sum(dim=-1, keepdim=True)
+
+
+def test_lean_path_calls_aten_ops_directly_and_skips_eval_dropout():
+    """The lean forward binds every ATen op to its C++ callable (no ``OpOverload.__call__``
+    frame) and drops eval-mode dropouts, which return their input: the outputs are the
+    guarded module's, bit for bit."""
+    model = _Mixed().eval()
+    x = torch.randn(3, 8)
+    compiled = compile_quietly(model, x, Config(k=4, alpha=0.1))
+    gm = compiled.graph_module
+    assert any(n.target is torch.ops.aten.dropout.default for n in gm.graph.nodes)
+    with torch.no_grad():
+        guarded = gm(x)
+        compiled(x)
+        lean = compiled.__dict__["_lean"]
+        out = lean(x)
+    assert out is not None and torch.equal(out, guarded) and torch.equal(out, model(x))
+    forward = lean.fn.__wrapped__
+    bound = list(forward.__globals__.values())
+    assert not any(isinstance(v, torch._ops.OpOverload) for v in bound)
+    assert torch.ops.aten.linear.default._op in bound and torch.ops.aten.dropout.default._op not in bound
