@@ -39,7 +39,7 @@ from unittest import mock
 import torch
 
 from exprune_fx.runtime import fast
-from exprune_fx.runtime.counters import new_counters
+from exprune_fx.runtime.counters import INDEX, new_counters
 
 THRESHOLD = 1
 # (outputs N, terms K, unit, k): the MLP's and the VGG's sites, the byte-level LM's FFN fc1, a
@@ -123,7 +123,7 @@ def row_chosen(cell: dict, setting: str, constants: tuple | None = None) -> bool
     """Whether ``setting``'s cost model picks the row-wise kernel for this cell (with the
     constants in force, or those given), at the cell's survivor share."""
     stats = new_counters()
-    stats[1], stats[2] = 1000.0, 1000.0 * (1 - cell["survivors"])  # outputs, pruned: the measured share
+    stats[INDEX["outputs"]], stats[INDEX["pruned"]] = 1000.0, 1000.0 * (1 - cell["survivors"])  # the share kept
     names = CHOICES[setting]["constants"]
     values = dict(zip(names, constants)) if constants is not None else {}
     with mock.patch.multiple(fast, **values) if values else contextlib.nullcontext(), fast.use(setting):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import exprune_fx
 from exprune_fx import Config, InputError
 from exprune_fx.runtime import fast, kernels
-from exprune_fx.runtime.counters import FIELDS, new_counters, read
+from exprune_fx.runtime.counters import FIELDS, INDEX, new_counters, read
 from exprune_fx.zoo import mlp
 
 NEVER, ALWAYS = -math.inf, math.inf
@@ -136,14 +136,13 @@ def test_cost_model_ignores_outputs_of_calls_run_dense():
     about the survivor share, so a site that ran dense on big calls still sees its measured
     share (counted over the outputs it tested) and can go back to the row-wise kernel."""
     stats = new_counters()
-    index = {name: i for i, name in enumerate(FIELDS)}
-    stats[index["outputs"]], stats[index["untested"]], stats[index["pruned"]] = 1000.0, 900.0, 90.0  # 10% kept of 100
+    stats[INDEX["outputs"]], stats[INDEX["untested"]], stats[INDEX["pruned"]] = 1000.0, 900.0, 90.0  # 10% kept of 100
     with fast.use("auto"):
         assert fast.choose(32, 0.02, stats) == fast.ROW  # 32 x (0.02 + 0.98 x 0.1) = 3.8 reads <= 8
-    stats[index["untested"]] = 0.0  # the same counts as if all 1000 had been tested: 91% kept
+    stats[INDEX["untested"]] = 0.0  # the same counts as if all 1000 had been tested: 91% kept
     with fast.use("auto"):
         assert fast.choose(32, 0.02, stats) == fast.BLAS
-    stats[index["untested"]], stats[index["pruned"]] = 1000.0, 0.0  # nothing tested yet: survivors 1, as before any call
+    stats[INDEX["untested"]], stats[INDEX["pruned"]] = 1000.0, 0.0  # nothing tested yet: survivors 1, as before any call
     with fast.use("auto"):
         assert fast.choose(8, 0.02, stats) == fast.ROW and fast.choose(9, 0.02, stats) == fast.BLAS
 
