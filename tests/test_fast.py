@@ -336,3 +336,15 @@ def test_counters_of_the_wrong_size_are_refused_not_written_past():
         with fast.use("auto"), pytest.raises(RuntimeError, match="counters must be a contiguous float64 CPU vector"):
             fast.relu_linear(x, w, torch.ones(8), None, 1, 8, kernels.THRESHOLD, 0.0,
                              torch.zeros(len(FIELDS) - 1, dtype=torch.float64), kernel=kernel)
+
+
+def test_cost_model_constants_are_read_on_every_call(monkeypatch):
+    """docs/usage.md: setting fast.DENSE_BUDGET (and the others) takes effect at once."""
+    stats = new_counters()
+    with fast.use("fastest"):
+        assert fast.choose(1, 0.02, stats, 1024) == fast.ROW
+        monkeypatch.setattr(fast, "DENSE_BUDGET", 1.0)  # below one row's reads plus its fixed cost
+        assert fast.choose(1, 0.02, stats, 1024) == fast.DENSE
+        monkeypatch.setattr(fast, "MIN_TERMS", 2048)
+        monkeypatch.setattr(fast, "DENSE_BUDGET", 100.0)
+        assert fast.choose(1, 0.02, stats, 1024) == fast.DENSE
