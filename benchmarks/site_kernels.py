@@ -32,7 +32,6 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -40,6 +39,9 @@ import torch
 
 from exprune_fx.runtime import fast
 from exprune_fx.runtime.counters import INDEX, new_counters
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import interleaved_times  # noqa: E402
 
 THRESHOLD = 1
 # (outputs N, terms K, unit, k): the MLP's and the VGG's sites, the byte-level LM's FFN fc1, a
@@ -84,15 +86,9 @@ def _runner(cell: dict, kernel: str):
 
 
 def side_by_side(fns: dict, repeats: int, rnd: random.Random) -> dict:
+    """Median ms per kernel, and the median per-repetition ratio of the row-wise kernel to each other."""
     names = list(fns)
-    times = {name: [] for name in names}
-    for name in names:
-        fns[name]()
-    for _ in range(repeats):
-        for name in rnd.sample(names, len(names)):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_times(fns, repeats, rnd, warmup=1)
     return {**{f"{name}_ms": 1e3 * statistics.median(times[name]) for name in names},
             **{f"{name}_ratio": statistics.median(a / b for a, b in zip(times[fast.ROW], times[name]))
                for name in names if name != fast.ROW}}

@@ -37,12 +37,12 @@ Cases (configs chosen at <= 1% accuracy drop on a validation split, reported on 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -57,6 +57,7 @@ from exprune_fx.runtime.counters import new_counters, read
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tasks  # noqa: E402
+from timing import interleaved_times  # noqa: E402
 from calibration import _call, evaluate  # noqa: E402
 
 CASES = ("mlp", "resnet", "vgg", "opt_lm")
@@ -64,21 +65,11 @@ VARIANTS = ("dense eager", "dense inductor", "dense graph", "count-only", "fast"
 
 
 def side_by_side(fns: dict, inputs, repeats: int, seed: int = 0) -> dict:
-    """Median seconds per variant and the median of per-repetition ratios to the first. Each
-    repetition runs every variant once, in a new random order: a fixed order favours or
-    penalises a variant by what ran before it (warm caches, the other variant's threads)."""
+    """Median seconds per variant and the median of per-repetition ratios to the first, the
+    repetitions interleaved in a random order (:func:`timing.interleaved_times`)."""
     names = list(fns)
-    times = {name: [] for name in names}
-    order = random.Random(seed)
-    with torch.no_grad():
-        for name in names:  # warm-up: inductor compiles, the extension loads, caches fill
-            for _ in range(3):
-                fns[name](inputs)
-        for _ in range(repeats):
-            for name in order.sample(names, len(names)):
-                t0 = time.perf_counter()
-                fns[name](inputs)
-                times[name].append(time.perf_counter() - t0)
+    times = interleaved_times({name: functools.partial(fn, inputs) for name, fn in fns.items()}, repeats,
+                              random.Random(seed))
     base = times[names[0]]
     return {name: {"median_ms": 1e3 * statistics.median(t),
                    "ratio": statistics.median(a / b for a, b in zip(t, base))} for name, t in times.items()}
