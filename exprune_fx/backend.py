@@ -36,8 +36,8 @@ from .analysis import OutputSpec
 from .compiler import FLOPS_NOTE, CompiledModel, ExPruneWarning, compile_graph
 from .config import Config
 from .errors import InputError, TrainingModeError
+from .fastcall import INNER
 
-INNER = ("inductor", "eager")
 _REGISTRY: "weakref.WeakSet[ExPruneBackend]" = weakref.WeakSet()
 _LOCK = threading.Lock()
 
@@ -143,8 +143,7 @@ class _CompiledGraph:
             warnings.simplefilter("ignore", ExPruneWarning)  # graphs without sites are normal here
             compiled = compile_graph(self.model, tuple(inputs), self.owner.config, self.owner.outputs,
                                      check_guards=False)
-        if self.owner.inner == "inductor":
-            compiled.run_with(torch.compile(compiled.graph_module, backend="inductor"))
+        compiled.set_inner(self.owner.inner)
         self.variants[self._key(inputs)] = compiled
         weights = {_storage(t) for t in list(self.model.parameters()) + list(self.model.buffers())}
         self.owner._graphs.append((compiled, weights))

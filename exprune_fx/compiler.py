@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from .analysis import Analysis, OutputSpec, analyze
 from .config import Config
 from .errors import InputError
-from .fastcall import LeanCall
+from .fastcall import INNER, LeanCall
 from .lifting import lift, normalize_inputs
 from .passes.rewrite import SiteReport, rewrite_sites
 from .passes.zero_skip import ZeroSkipReport, add_zero_skip
@@ -76,20 +76,47 @@ class CompiledModel(torch.nn.Module):
         self._other_flops_per_row = other_flops_per_row
         self._calls = 0
         self._rows = 0
-        self.__dict__["_runner"] = graph_module  # what forward calls (not a second submodule); see run_with()
+        self.__dict__["_inner"] = "eager"  # see set_inner()
 
-    def run_with(self, runner) -> None:
-        """Run calls through ``runner`` (for example ``torch.compile(self.graph_module)``),
-        keeping the call and row counts here."""
-        self.__dict__["_runner"] = runner
+    def set_inner(self, inner: str) -> None:
+        """Run the rewritten graph eagerly (``"eager"``, the default) or compiled by inductor
+        around the runtime ops (``"inductor"``, as ``torch.compile(model, backend="exprune")``
+        does). Under inductor the first call of each input signature (shapes, dtypes) compiles;
+        calls of positional tensors run a flat function of them (:mod:`.fastcall`), others the
+        compiled exported module. The call and row counts stay here either way.
+
+        Example:
+            >>> import torch, exprune_fx
+            >>> mlp = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)).eval()
+            >>> compiled = exprune_fx.compile(mlp, torch.randn(2, 8))
+            >>> compiled.set_inner("inductor")
+            >>> x = torch.randn(3, 8)
+            >>> torch.allclose(compiled(x), mlp(x), atol=1e-5) and torch.allclose(compiled(x), mlp(x), atol=1e-5)
+            True
+        """
+        if inner not in INNER:
+            raise InputError(f"inner must be one of {INNER}, got {inner!r}")
+        self.__dict__["_inner"] = inner
+        self.__dict__.pop("_lean", None)
+        self.__dict__.pop("_compiled", None)
+
+    def _runner(self):
+        """What runs a call the lean path does not take: the graph module, or its inductor build."""
+        gm = self._modules["graph_module"]
+        inner = self.__dict__["_inner"]
+        if inner == "eager":
+            return gm
+        built = self.__dict__.get("_compiled")
+        if built is None or built[0] is not gm:
+            built = self.__dict__["_compiled"] = (gm, torch.compile(gm, backend=inner))
+        return built[1]
 
     def forward(self, *args, **kwargs):
         # The call and row counts are written through __dict__: nn.Module.__setattr__ costs about
         # 2 us a write, a few percent of a batch-1 call of a small model.
         state = self.__dict__
         state["_calls"] += 1
-        runner = state["_runner"]
-        lean = self._lean_call(runner, kwargs)
+        lean = self._lean_call(kwargs)
         if lean is not None:
             out = lean(*args)
             if out is not None:
@@ -99,7 +126,7 @@ class CompiledModel(torch.nn.Module):
         if lean is not None:
             self._check_dtypes(args)
         try:
-            out = runner(*args, **kwargs)
+            out = self._runner()(*args, **kwargs)
             if lean is not None:
                 lean.accept(args)
             return out
@@ -110,6 +137,19 @@ class CompiledModel(torch.nn.Module):
             raise InputError(
                 f"these inputs do not fit the compiled graph ({str(exc).strip()}); it was exported for "
                 f"{shapes}. Compile again with example inputs shaped like the ones you run.") from None
+        except (ValueError, TypeError):
+            self._check_structure(args, kwargs)
+            raise
+
+    def _check_structure(self, args: tuple, kwargs: dict) -> None:
+        """A call whose arguments are not laid out like the example's (another number of
+        positional inputs, other keywords): the exported module's own error names tree specs."""
+        example_args, example_kwargs = self.example_inputs
+        if len(args) != len(example_args) or set(kwargs) != set(example_kwargs):
+            raise InputError(
+                f"the model was compiled for {len(example_args)} positional input(s) and keyword inputs "
+                f"{sorted(example_kwargs)}; this call has {len(args)} positional and {sorted(kwargs)}. Call it "
+                f"as you called it on the example inputs, or compile again with example inputs laid out that way.")
 
     def _check_dtypes(self, args: tuple) -> None:
         """Positional tensors of another dtype than the example's: the exported graph's guards do
@@ -119,15 +159,16 @@ class CompiledModel(torch.nn.Module):
                 raise InputError(f"input {i} has dtype {got.dtype}; the model was compiled for {example.dtype}. "
                                  f"Cast the input, or compile again with example inputs of that dtype.")
 
-    def _lean_call(self, runner, kwargs) -> LeanCall | None:
-        """The lean path (:mod:`.fastcall`) for positional calls of the exported graph itself, run
-        eagerly (a frame dynamo traces sees the graph and its ops, not their kernels)."""
-        if (kwargs or runner is not self._modules["graph_module"] or not isinstance(runner, torch.fx.GraphModule)
-                or torch.compiler.is_compiling()):
+    def _lean_call(self, kwargs) -> LeanCall | None:
+        """The lean path (:mod:`.fastcall`) for positional calls of the exported graph, eager or
+        under the inner compiler (a frame dynamo traces sees the graph and its ops, not their kernels)."""
+        gm = self._modules["graph_module"]
+        if kwargs or not isinstance(gm, torch.fx.GraphModule) or torch.compiler.is_compiling():
             return None
-        lean = self.__dict__.get("_lean")
-        if lean is None or lean.gm is not runner:
-            lean = self.__dict__["_lean"] = LeanCall(runner)
+        state = self.__dict__
+        lean = state.get("_lean")
+        if lean is None or lean.gm is not gm:
+            lean = state["_lean"] = LeanCall(gm, state["_inner"])
         return lean
 
     @property

@@ -20,6 +20,12 @@ a small model that is a measurable share of the time (docs/benchmarks.md, "Wall-
   ``train=False``, which returns its input itself) is not called at all: on the byte-level LM's
   decode step (87 ops) that is 73 us of 560, on the CNNs 10-28 us a call at batch 1.
 
+With ``inner="inductor"`` the same flat function (the ops left as ops) is compiled by inductor
+(``torch.compile``, which specialises it per signature as it does any function and guards on
+the graph module's attributes) instead. Compiling the exported module itself would keep its
+pytree flattening, input checks and forward hooks around the compiled code, on every call:
+60-90 us a call on a 784-1024-1024-10 MLP, more than the model's batch-1 time.
+
 Example:
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).eval()
@@ -41,6 +47,7 @@ from torch.utils import _pytree as pytree
 from .runtime.ops import PYTHON_KERNELS
 
 MAX_SIGNATURES = 64  # a model called with ever-new shapes keeps the guarded path
+INNER = ("eager", "inductor")
 
 
 def _signature(args: tuple):
@@ -51,17 +58,25 @@ class LeanCall:
     """Runs ``gm`` (a module made by ``torch.export``'s ``ExportedProgram.module()``) on known
     positional-tensor signatures without its per-call flattening and guards; None otherwise."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, inner: str = "eager"):
+        if inner not in INNER:
+            raise ValueError(f"inner must be one of {INNER}, got {inner!r}")
         self.gm = gm
+        self.inner = inner
         self.known: set = set()
-        self.fn = self._flat_forward(gm)
+        if inner == "eager":
+            self.fn = torch.compiler.disable(self._flat_forward(gm, raw=True))
+        else:  # inductor traces the flat function (the ops as ops) and reads gm's attributes itself
+            self.fn = torch.compile(self._flat_forward(gm, raw=False), backend=inner)
         spec = getattr(gm, "_in_spec", None)
         self.arity = _positional_arity(spec)
         self.out_spec = getattr(gm, "_out_spec", None)
 
     @staticmethod
-    def _flat_forward(gm: torch.fx.GraphModule):
-        """The graph as ``forward(self, *flat_inputs) -> flat outputs``, without the guard call."""
+    def _flat_forward(gm: torch.fx.GraphModule, raw: bool):
+        """The graph as ``forward(self, *flat_inputs) -> flat outputs``, without the guard call
+        and without eval-mode dropouts; ``raw``: the ``exprune`` ops as their Python kernels and
+        the other ATen ops as their C++ callables (for running eagerly, not for a compiler)."""
         graph = torch.fx.Graph()
         out = graph.graph_copy(gm.graph, {})
         graph.output(out)
@@ -70,17 +85,19 @@ class LeanCall:
                 graph.erase_node(node)
             elif node.op != "call_function":
                 continue
-            elif node.target in PYTHON_KERNELS:
-                node.target = PYTHON_KERNELS[node.target]
             elif _is_eval_dropout(node):  # returns its input itself
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
+            elif not raw:
+                continue
+            elif node.target in PYTHON_KERNELS:
+                node.target = PYTHON_KERNELS[node.target]
             elif isinstance(node.target, torch._ops.OpOverload):
                 node.target = _Raw(node.target)
         code = graph.python_code(root_module="self")
         namespace = {name: value.op._op if isinstance(value, _Raw) else value for name, value in code.globals.items()}
         exec(compile(code.src, "<exprune-fx lean forward>", "exec"), namespace)  # noqa: S102
-        return torch.compiler.disable(namespace["forward"])
+        return namespace["forward"]
 
     def __call__(self, *args):
         """The outputs, or None when this call must take the guarded path."""

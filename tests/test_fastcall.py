@@ -65,6 +65,16 @@ def test_wrong_inputs_after_lean_calls_still_get_the_clear_error(compiled_mlp):
             compiled(torch.randn(2, 16, dtype=torch.float64))
 
 
+def test_calls_laid_out_unlike_the_example_get_a_clear_error(compiled_mlp):
+    _, compiled = compiled_mlp
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        compiled(x)
+        for args, kwargs in (((x, x), {}), ((), {"input": x}), ((x,), {"scale": x})):
+            with pytest.raises(InputError, match="compiled for 1 positional input"):
+                compiled(*args, **kwargs)
+
+
 def test_lean_path_reads_attributes_at_call_time(compiled_mlp):
     """A replaced buffer (not only one changed in place) is what the next lean call uses."""
     _, compiled = compiled_mlp
@@ -161,3 +171,82 @@ def test_lean_path_calls_aten_ops_directly_and_skips_eval_dropout():
     bound = list(forward.__globals__.values())
     assert not any(isinstance(v, torch._ops.OpOverload) for v in bound)
     assert torch.ops.aten.linear.default._op in bound and torch.ops.aten.dropout.default._op not in bound
+
+
+@pytest.fixture()
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _unique_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_inductor_inner_compiles_the_flat_graph_and_keeps_the_eager_results(fresh_dynamo):
+    """set_inner("inductor"): a known signature runs the flat function compiled by inductor (a
+    new dynamo graph, not the eager lean forward), with the eager path's outputs and counters;
+    a new batch size takes the guarded path once, then the compiled one; a replaced buffer is
+    what the next call reads."""
+    torch.manual_seed(0)
+    model, _ = mlp(widths=(16, 128, 128, 4))
+    eager = exprune_fx.compile(model, torch.randn(2, 16), Config(alpha=0.3, k=8))
+    compiled = exprune_fx.compile(model, torch.randn(2, 16), Config(alpha=0.3, k=8))
+    compiled.set_inner("inductor")
+    with torch.no_grad(), fast.use("reference"):
+        for x in (torch.randn(5, 16), torch.randn(3, 16)):
+            graphs = _unique_graphs()
+            for _ in range(2):  # guarded (records the signature), then lean under inductor
+                eager(x), compiled(x)
+            lean = compiled.__dict__["_lean"]
+            assert lean.inner == "inductor" and lean(x) is not None and _unique_graphs() > graphs
+            eager.reset_stats(), compiled.reset_stats()
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+            for site in compiled.rewritten_sites:
+                torch.testing.assert_close(compiled._counters(site), eager._counters(site), rtol=0, atol=0)
+        assert compiled.exprune_stats()["calls"] == 1 and compiled.exprune_stats()["sites"]
+        assert max(s["prune_rate"] for s in compiled.exprune_stats()["sites"].values()) > 0
+        site = compiled.rewritten_sites[0]
+        compiled.graph_module.register_buffer(site.critical, torch.tensor(float("inf"), dtype=torch.float64))
+        compiled.reset_stats()
+        compiled(x)
+    assert compiled.exprune_stats()["sites"][site.name]["prune_rate"] > 0.5
+
+
+def test_inductor_inner_runs_keyword_calls_through_the_compiled_module(fresh_dynamo):
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, x, *, scale):
+            return torch.relu(self.b(torch.relu(self.a(x)))) * scale
+
+    model = Scaled().eval()
+    x, two = torch.randn(3, 8), torch.tensor(2.0)
+    compiled = compile_quietly(model, ((x,), {"scale": two}), Config(k=4, alpha=0.0))
+    compiled.set_inner("inductor")
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x, scale=two), model(x, scale=two), rtol=1e-5, atol=1e-5)
+    assert "_compiled" in compiled.__dict__ and compiled.exprune_stats()["calls"] == 2
+    compiled.set_inner("eager")  # back: no inductor build left behind
+    assert "_compiled" not in compiled.__dict__ and "_lean" not in compiled.__dict__
+    with pytest.raises(InputError, match="inner must be one of"):
+        compiled.set_inner("tvm")
+
+
+@settings(max_examples=6, deadline=None)
+@given(architectures())
+def test_inductor_inner_preserves_semantics_when_nothing_is_pruned(arch):
+    """Generated architectures, every site rewritten but never pruning: the inductor-compiled
+    graph equals the original model up to float reassociation."""
+    torch._dynamo.reset()
+    model, x = arch
+    compiled = compile_quietly(model, x, Config(alpha=0.0, k=2))
+    compiled.set_inner("inductor")
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+    assert all(s["pruned"] == 0 for s in compiled.exprune_stats()["sites"].values())
