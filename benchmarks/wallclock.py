@@ -15,7 +15,11 @@ and the median of its per-repetition ratios to dense eager:
 * ``fastest``: ``fast.use("fastest")``: per call, the row-wise kernel where the cost model
   says it beats the dense layer, else the dense layer (that call prunes nothing); conv and
   argmax sites run dense. Its accuracy and FLOPs reduction are measured at the row's batch
-  size (they depend on it) and reported beside the others.
+  size (they depend on it) and reported beside the others;
+* ``fastest + inductor``: the same, the rewritten graph compiled by inductor around the runtime
+  ops (``compiled.set_inner("inductor")``, what ``torch.compile(model, backend="exprune")``
+  runs per graph): set against ``dense inductor``, it says whether ExPrune adds to what the
+  compiler gives.
 
 ``realization`` = (1 - fast time / dense time) / (whole-model FLOPs reduction), for the fast
 variant (and the same for fastest, with its own reduction): 100% means the clock sees every
@@ -61,7 +65,8 @@ from timing import interleaved_times  # noqa: E402
 from calibration import _call, evaluate  # noqa: E402
 
 CASES = ("mlp", "resnet", "vgg", "opt_lm")
-VARIANTS = ("dense eager", "dense inductor", "dense graph", "count-only", "fast", "fastest")
+COMPILED_PAIRS = {"fastest + inductor": "dense inductor"}
+VARIANTS = ("dense eager", "dense inductor", "dense graph", "count-only", "fast", "fastest", "fastest + inductor")
 
 
 def side_by_side(fns: dict, inputs, repeats: int, seed: int = 0) -> dict:
@@ -71,8 +76,13 @@ def side_by_side(fns: dict, inputs, repeats: int, seed: int = 0) -> dict:
     times = interleaved_times({name: functools.partial(fn, inputs) for name, fn in fns.items()}, repeats,
                               random.Random(seed))
     base = times[names[0]]
-    return {name: {"median_ms": 1e3 * statistics.median(t),
-                   "ratio": statistics.median(a / b for a, b in zip(t, base))} for name, t in times.items()}
+    out = {name: {"median_ms": 1e3 * statistics.median(t),
+                  "ratio": statistics.median(a / b for a, b in zip(t, base))} for name, t in times.items()}
+    for name, baseline in COMPILED_PAIRS.items():  # a compiled variant against its dense counterpart too
+        if name in times and baseline in times:
+            out[name]["ratio_to_" + baseline.replace(" ", "_")] = statistics.median(
+                a / b for a, b in zip(times[name], times[baseline]))
+    return out
 
 
 def variants(model, compiled, example) -> dict:
@@ -82,16 +92,18 @@ def variants(model, compiled, example) -> dict:
         inductor = torch.compile(model, backend="inductor")
         no_sites = Config(sites={s.name: {"enabled": False} for s in compiled.sites})
         graph = exprune_fx.compile(model, example, no_sites)
+        under_inductor = exprune_fx.compile(model, example, compiled.config)
+    under_inductor.set_inner("inductor")
 
-    def with_kernels(setting):
+    def with_kernels(setting, which=compiled):
         def run(inputs):
             with fast.use(setting):
-                return _call(compiled, inputs)
+                return _call(which, inputs)
         return run
 
     return {"dense eager": lambda i: _call(model, i), "dense inductor": lambda i: _call(inductor, i),
             "dense graph": lambda i: _call(graph, i), "count-only": with_kernels("reference"), "fast": with_kernels("auto"),
-            "fastest": with_kernels("fastest")}
+            "fastest": with_kernels("fastest"), "fastest + inductor": with_kernels("fastest", under_inductor)}
 
 
 def flops_reduction(compiled, inputs, setting: str = "reference") -> float:
@@ -113,6 +125,9 @@ def row(case: str, batch, timing: dict, reduction: float, extra: dict) -> dict:
            "realization": _realization(timing["fast"]["ratio"], reduction), **extra}
     if "fastest_reduction" in extra:
         out["fastest_realization"] = _realization(timing["fastest"]["ratio"], extra["fastest_reduction"])
+        # under inductor, against dense inductor (the same decisions as fastest, up to float rounding)
+        out["inductor_realization"] = _realization(timing["fastest + inductor"]["ratio_to_dense_inductor"],
+                                                   extra["fastest_reduction"])
     return out
 
 
@@ -263,6 +278,10 @@ def lm_case(repeats: int, contexts=(8, 100)) -> list[dict]:
     return rows
 
 
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def markdown(rows: list[dict], machine: str) -> str:
     lines = [f"Machine: {machine}", "",
              "| case | batch | accuracy (dense -> ExPrune) | FLOPs reduction | " +
@@ -276,15 +295,20 @@ def markdown(rows: list[dict], machine: str) -> str:
                      " | ".join(f"{t[v]['median_ms']:.3f} (x{t[v]['ratio']:.2f})" for v in VARIANTS) +
                      f" | {real} |")
     lines += ["", "The fastest variant: its own FLOPs reduction and realization at the row's batch size "
-              "(its accuracy on the first 512 test images at that batch size):", "",
-              "| case | batch | fastest ms (x dense) | FLOPs reduction | realization | accuracy (512 images) |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "(its accuracy on the first 512 test images at that batch size); under inductor, its time "
+              "against dense inductor and the realization that gives:", "",
+              "| case | batch | fastest ms (x dense) | FLOPs reduction | realization | accuracy (512 images) | "
+              "fastest + inductor ms (x dense inductor) | realization vs inductor |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t, real = r["timing"]["fastest"], r.get("fastest_realization")
+        ti = r["timing"]["fastest + inductor"]
         acc = r.get("fastest_accuracy_512")
         lines.append(f"| {r['case']} | {r['batch']} | {t['median_ms']:.3f} (x{t['ratio']:.2f}) | "
                      f"{100 * r.get('fastest_reduction', 0.0):.2f}% | "
-                     f"{'n/a' if real is None else f'{100 * real:.0f}%'} | {'-' if acc is None else f'{acc:.4f}'} |")
+                     f"{'n/a' if real is None else f'{100 * real:.0f}%'} | {'-' if acc is None else f'{acc:.4f}'} | "
+                     f"{ti['median_ms']:.3f} (x{ti['ratio_to_dense_inductor']:.2f}) | "
+                     f"{_percent(r.get('inductor_realization'))} |")
     sites = [(r, s) for r in rows for s in r.get("linear_sites", [])]
     if sites:
         lines += ["", "Linear ReLU sites alone, on their real inputs (the op against the dense layer it replaced):", "",
@@ -292,16 +316,13 @@ def markdown(rows: list[dict], machine: str) -> str:
                   "fast (x dense) | realization | fastest (x dense) | fastest realization |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
-        def percent(value):
-            return "n/a" if value is None else f"{100 * value:.0f}%"
-
         for r, s in sites:
             t = s["timing"]
             lines.append(f"| {r['case']} | {s['site_shape'][0]} x {s['site_shape'][1]} | {s['rows']} | "
                          f"{100 * s['prune_rate']:.1f}% | {100 * s['flops_reduction']:.2f}% | "
                          f"{t['dense eager']['median_ms']:.3f} | x{t['count-only']['ratio']:.2f} | "
-                         f"x{t['fast']['ratio']:.2f} | {percent(s['realization'])} | x{t['fastest']['ratio']:.2f} | "
-                         f"{percent(s.get('fastest_realization'))} |")
+                         f"x{t['fast']['ratio']:.2f} | {_percent(s['realization'])} | x{t['fastest']['ratio']:.2f} | "
+                         f"{_percent(s.get('fastest_realization'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -72,9 +72,14 @@ def test_wallclock_pieces_on_a_small_mlp():
     sites = wallclock.site_rows("mlp", compiled, x, repeats=3)
     assert [s["site_shape"] for s in sites] == [[128, 128]] and sites[0]["rows"] == 3
     assert 0 < sites[0]["prune_rate"] < 1 and sites[0]["flops_reduction"] > 0
-    row = wallclock.row("mlp", 3, timing, reduction, {"dense_accuracy": 0.5, "accuracy": 0.5, "linear_sites": sites})
+    assert timing["fastest + inductor"]["ratio_to_dense_inductor"] > 0
+    row = wallclock.row("mlp", 3, timing, reduction, {"dense_accuracy": 0.5, "accuracy": 0.5, "linear_sites": sites,
+                                                      "fastest_reduction": reduction})
     table = wallclock.markdown([row], "test machine")
     assert "| mlp | 3 |" in table and "| mlp | 128 x 128 | 3 |" in table
+    fastest_line = next(line for line in table.splitlines() if line.startswith("| mlp | 3 |") and "%" in line
+                        and line.count("|") == 9)
+    assert f"(x{timing['fastest + inductor']['ratio_to_dense_inductor']:.2f})" in fastest_line
 
 
 def test_site_kernel_grid_and_fit_on_a_tiny_grid():
