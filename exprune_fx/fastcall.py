@@ -50,6 +50,13 @@ MAX_SIGNATURES = 64  # a model called with ever-new shapes keeps the guarded pat
 INNER = ("eager", "inductor")
 
 
+def inference_compile(fn, backend: str):
+    """``torch.compile(fn)`` run without gradients: the ``exprune`` ops have no autograd
+    formula (ExPrune is for inference), and under grad mode inductor would build a joint
+    graph around them and warn that backpropagating through them is wrong."""
+    return torch.no_grad()(torch.compile(fn, backend=backend))
+
+
 def _signature(args: tuple):
     return tuple((a.shape, a.dtype, a.device) for a in args)
 
@@ -67,7 +74,7 @@ class LeanCall:
         if inner == "eager":
             self.fn = torch.compiler.disable(self._flat_forward(gm, raw=True))
         else:  # inductor traces the flat function (the ops as ops) and reads gm's attributes itself
-            self.fn = torch.compile(self._flat_forward(gm, raw=False), backend=inner)
+            self.fn = inference_compile(self._flat_forward(gm, raw=False), inner)
         spec = getattr(gm, "_in_spec", None)
         self.arity = _positional_arity(spec)
         self.out_spec = getattr(gm, "_out_spec", None)
