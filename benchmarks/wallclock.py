@@ -289,7 +289,7 @@ def markdown(rows: list[dict], machine: str) -> str:
              "|---|---:|---|---:|" + "---:|" * len(VARIANTS) + "---:|"]
     for r in rows:
         t = r["timing"]
-        real = "n/a" if r["realization"] is None else f"{100 * r['realization']:.0f}%"
+        real = _percent(r["realization"])
         lines.append(f"| {r['case']} | {r['batch']} | {r['dense_accuracy']:.4f} -> {r['accuracy']:.4f} | "
                      f"{100 * r['flops_reduction']:.2f}% | " +
                      " | ".join(f"{t[v]['median_ms']:.3f} (x{t[v]['ratio']:.2f})" for v in VARIANTS) +
@@ -306,7 +306,7 @@ def markdown(rows: list[dict], machine: str) -> str:
         acc = r.get("fastest_accuracy_512")
         lines.append(f"| {r['case']} | {r['batch']} | {t['median_ms']:.3f} (x{t['ratio']:.2f}) | "
                      f"{100 * r.get('fastest_reduction', 0.0):.2f}% | "
-                     f"{'n/a' if real is None else f'{100 * real:.0f}%'} | {'-' if acc is None else f'{acc:.4f}'} | "
+                     f"{_percent(real)} | {'-' if acc is None else f'{acc:.4f}'} | "
                      f"{ti['median_ms']:.3f} (x{ti['ratio_to_dense_inductor']:.2f}) | "
                      f"{_percent(r.get('inductor_realization'))} |")
     sites = [(r, s) for r in rows for s in r.get("linear_sites", [])]
