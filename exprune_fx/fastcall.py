@@ -20,9 +20,11 @@ a small model that is a measurable share of the time (docs/benchmarks.md, "Wall-
   ``train=False``, which returns its input itself) is not called at all: on the byte-level LM's
   decode step (87 ops) that is 73 us of 560, on the CNNs 10-28 us a call at batch 1.
 
-With ``inner="inductor"`` the same flat function (the ops left as ops) is compiled by inductor
-(``torch.compile``, which specialises it per signature as it does any function and guards on
-the graph module's attributes) instead. Compiling the exported module itself would keep its
+With ``inner="inductor"`` the same flat function is compiled by inductor (``torch.compile``,
+which specialises it per signature as it does any function and guards on the graph module's
+attributes) instead; its site ops are left as ops, except that a site the ``"fastest"``
+kernels run dense on every call is written in torch ops (:mod:`.runtime.lowering`), so that
+inductor fuses and lays it out as it does the dense model. Compiling the exported module itself would keep its
 pytree flattening, input checks and forward hooks around the compiled code, on every call:
 60-90 us a call on a 784-1024-1024-10 MLP, more than the model's batch-1 time.
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
+from .runtime.lowering import TRACEABLE
 from .runtime.ops import PYTHON_KERNELS
 
 MAX_SIGNATURES = 64  # a model called with ever-new shapes keeps the guarded path
@@ -83,7 +86,8 @@ class LeanCall:
     def _flat_forward(gm: torch.fx.GraphModule, raw: bool):
         """The graph as ``forward(self, *flat_inputs) -> flat outputs``, without the guard call
         and without eval-mode dropouts; ``raw``: the ``exprune`` ops as their Python kernels and
-        the other ATen ops as their C++ callables (for running eagerly, not for a compiler)."""
+        the other ATen ops as their C++ callables (for running eagerly); else the site ops that
+        have a dense form as their :mod:`.runtime.lowering` functions (for inductor)."""
         graph = torch.fx.Graph()
         out = graph.graph_copy(gm.graph, {})
         graph.output(out)
@@ -96,7 +100,7 @@ class LeanCall:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
             elif not raw:
-                continue
+                node.target = TRACEABLE.get(node.target, node.target)
             elif node.target in PYTHON_KERNELS:
                 node.target = PYTHON_KERNELS[node.target]
             elif isinstance(node.target, torch._ops.OpOverload):

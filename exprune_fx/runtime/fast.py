@@ -98,6 +98,11 @@ def module():
     return _state["module"]
 
 
+def built() -> bool:
+    """Whether the extension has been built in this process (:func:`module` builds it)."""
+    return _state["module"] is not None
+
+
 def _build():
     from torch.utils import cpp_extension
 

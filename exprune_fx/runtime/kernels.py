@@ -307,22 +307,31 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
 def _dense_call(z: torch.Tensor, scale: torch.Tensor, offset, stats, terms: int, count_negative: bool,
                 per_row: bool = False):
     """A site run dense (the ``"fastest"`` setting, where no early-exit kernel pays): the folded
-    epilogue ``scale * z + offset`` in place on ``z`` (``[..., N]`` for a linear site,
-    ``[B, C, H, W]`` for a convolution; ``scale`` one value per output feature or channel),
+    epilogue ``scale * z + offset`` (in place on ``z`` where the extension runs it; ``z`` is
+    ``[..., N]`` for a linear site, ``[B, C, H, W]`` for a convolution; ``scale`` one value per
+    output feature or channel),
     counted as one call that prunes nothing and computes every output's ``terms`` MACs
     (``per_row``: an argmax site, one decision per row). One C++ pass where the extension is
-    built (float32 CPU); torch ops otherwise."""
+    built (float32 CPU); :func:`dense_epilogue` otherwise."""
     ext = fast.module() if z.dtype == torch.float32 and z.device.type == "cpu" else None
     if ext is not None and z.is_contiguous() and stats.device.type == "cpu":
         ext.dense_site(z, scale, offset, stats, terms, count_negative, per_row)
         return z
-    n = z.shape[-1] if z.dim() != 4 else z.shape[1]
-    planes = z.view(z.shape[0], n, z.shape[2] * z.shape[3]) if z.dim() == 4 else z.view(z.numel() // max(n, 1), n, 1)
-    scale = scale.to(z.dtype).reshape(-1)
-    planes.mul_(scale.view(1, -1, 1))
+    return dense_epilogue(z, scale, offset, stats, terms, count_negative, per_row)
+
+
+def dense_epilogue(z: torch.Tensor, scale: torch.Tensor, offset, stats, terms: int, count_negative: bool,
+                   per_row: bool = False):
+    """:func:`_dense_call` in torch ops, out of place: what runs without the extension, and
+    what inductor compiles for a site run dense (:mod:`.lowering`)."""
+    conv = z.dim() == 4
+    n = z.shape[1] if conv else z.shape[-1]
+    a = scale.to(z.dtype).reshape(-1)
+    z = z * (a.view(-1, 1, 1) if conv else a)
     if offset is not None:
-        z.add_(offset.to(z.dtype))
-    macs, outputs = z.numel() * terms, planes.shape[0] if per_row else z.numel()
+        z = z + offset.to(z.dtype)
+    rows = z.shape[0] if conv else z.numel() // max(n, 1)
+    macs, outputs = z.numel() * terms, rows if per_row else z.numel()
     add(stats, calls=1, outputs=outputs, untested=outputs, dense=macs, remainder=macs, computed=macs,
         negative=(z < 0).sum() if count_negative else 0)
     return z
