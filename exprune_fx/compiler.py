@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 from .analysis import Analysis, OutputSpec, analyze
 from .config import Config
 from .errors import InputError
-from .fastcall import INNER, LeanCall, inference_compile
+from .fastcall import INNER, LeanCall
 from .lifting import lift, normalize_inputs
 from .passes.rewrite import SiteReport, rewrite_sites
 from .passes.zero_skip import ZeroSkipReport, add_zero_skip
@@ -48,6 +48,14 @@ def batch_rows(args: tuple, kwargs: dict) -> int:
     """The batch size of a call: the leading size of its first tensor input (1 if none)."""
     for leaf in tree_leaves((args, kwargs)):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return 1
+
+
+def _leading_size(leaves: tuple) -> int:
+    """:func:`batch_rows` of a call given as its flat tensor inputs."""
+    for leaf in leaves:
+        if leaf.dim() > 0:
             return int(leaf.shape[0])
     return 1
 
@@ -81,9 +89,10 @@ class CompiledModel(torch.nn.Module):
     def set_inner(self, inner: str) -> None:
         """Run the rewritten graph eagerly (``"eager"``, the default) or compiled by inductor
         around the runtime ops (``"inductor"``, as ``torch.compile(model, backend="exprune")``
-        does). Under inductor the first call of each input signature (shapes, dtypes) compiles;
-        calls of positional tensors run a flat function of them (:mod:`.fastcall`), others the
-        compiled exported module. The call and row counts stay here either way.
+        does). Under inductor the first call of each input signature (shapes, dtypes) runs
+        eagerly through the exported graph's guards and the next one compiles a flat function
+        of the call's tensors (:mod:`.fastcall`), which later calls with that signature run.
+        The call and row counts stay here either way.
 
         Example:
             >>> import torch, exprune_fx
@@ -101,37 +110,28 @@ class CompiledModel(torch.nn.Module):
             raise InputError(f"inner must be one of {INNER}, got {inner!r}")
         self.__dict__["_inner"] = inner
         self.__dict__.pop("_lean", None)
-        self.__dict__.pop("_compiled", None)
-
-    def _runner(self):
-        """What runs a call the lean path does not take: the graph module, or its inductor build."""
-        gm = self._modules["graph_module"]
-        inner = self.__dict__["_inner"]
-        if inner == "eager":
-            return gm
-        built = self.__dict__.get("_compiled")
-        if built is None or built[0] is not gm:
-            built = self.__dict__["_compiled"] = (gm, inference_compile(gm, inner))
-        return built[1]
 
     def forward(self, *args, **kwargs):
         # The call and row counts are written through __dict__: nn.Module.__setattr__ costs about
         # 2 us a write, a few percent of a batch-1 call of a small model.
         state = self.__dict__
         state["_calls"] += 1
-        lean = self._lean_call(kwargs)
-        if lean is not None:
-            out = lean(*args)
+        lean = self._lean_call()
+        leaves = None if lean is None else lean.leaves(args, kwargs)
+        if leaves is not None:
+            out = lean.run(leaves)
             if out is not None:
-                state["_rows"] += int(args[0].shape[0]) if args and args[0].dim() else 1
+                state["_rows"] += _leading_size(leaves)
                 return out
-        state["_rows"] += batch_rows(args, kwargs)
         if lean is not None:
-            self._check_dtypes(args)
+            self._check_dtypes(args, kwargs)
+        state["_rows"] += batch_rows(args, kwargs)
         try:
-            out = self._runner()(*args, **kwargs)
-            if lean is not None:
-                lean.accept(args)
+            # once per signature (and for calls the lean path cannot take): the guarded module,
+            # eagerly; the lean path compiles for the inner compiler
+            out = self._modules["graph_module"](*args, **kwargs)
+            if leaves is not None:
+                lean.accept(leaves)
             return out
         except AssertionError as exc:
             if "Guard failed" not in str(exc):
@@ -154,19 +154,22 @@ class CompiledModel(torch.nn.Module):
                 f"{sorted(example_kwargs)}; this call has {len(args)} positional and {sorted(kwargs)}. Call it "
                 f"as you called it on the example inputs, or compile again with example inputs laid out that way.")
 
-    def _check_dtypes(self, args: tuple) -> None:
-        """Positional tensors of another dtype than the example's: the exported graph's guards do
-        not check dtypes, and the failure would come from deep inside an operator."""
-        for i, (got, example) in enumerate(zip(args, self.example_inputs[0])):
+    def _check_dtypes(self, args: tuple, kwargs: dict) -> None:
+        """Tensor inputs of another dtype than the example's: the exported graph's guards do not
+        check dtypes, and the failure would come from deep inside an operator."""
+        example_args, example_kwargs = self.example_inputs
+        pairs = [(f"input {i}", got, example_args[i]) for i, got in enumerate(args[:len(example_args)])]
+        pairs += [(f"input {name!r}", got, example_kwargs[name]) for name, got in kwargs.items() if name in example_kwargs]
+        for name, got, example in pairs:
             if isinstance(got, torch.Tensor) and isinstance(example, torch.Tensor) and got.dtype != example.dtype:
-                raise InputError(f"input {i} has dtype {got.dtype}; the model was compiled for {example.dtype}. "
+                raise InputError(f"{name} has dtype {got.dtype}; the model was compiled for {example.dtype}. "
                                  f"Cast the input, or compile again with example inputs of that dtype.")
 
-    def _lean_call(self, kwargs) -> LeanCall | None:
-        """The lean path (:mod:`.fastcall`) for positional calls of the exported graph, eager or
-        under the inner compiler (a frame dynamo traces sees the graph and its ops, not their kernels)."""
+    def _lean_call(self) -> LeanCall | None:
+        """The lean path (:mod:`.fastcall`) of the exported graph, eager or under the inner
+        compiler (a frame dynamo traces sees the graph and its ops, not their kernels)."""
         gm = self._modules["graph_module"]
-        if kwargs or not isinstance(gm, torch.fx.GraphModule) or torch.compiler.is_compiling():
+        if not isinstance(gm, torch.fx.GraphModule) or torch.compiler.is_compiling():
             return None
         state = self.__dict__
         lean = state.get("_lean")

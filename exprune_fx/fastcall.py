@@ -3,9 +3,12 @@
 ``torch.export``'s module flattens the call's arguments against its input spec, runs its guard
 function (shape and dtype checks) and unflattens the outputs on every call. On a batch-1 call of
 a small model that is a measurable share of the time (docs/benchmarks.md, "Wall-clock time").
-:class:`LeanCall` runs the same graph as a plain function of its positional tensors:
+:class:`LeanCall` runs the same graph as a plain function of the call's tensors:
 
-* it applies only to calls of positional tensors that match the graph's input spec;
+* it applies to calls laid out as the graph's input spec whose leaves are tensors or the plain
+  constants torch.export accepts (int, float, bool, str, None; the signature holds their
+  values): positional tensors as they are (no flattening), other layouts (keyword inputs,
+  nested tuples) flattened as the exported module flattens them, keywords in any order;
 * the first call with a given signature (shapes, dtypes, devices) goes through the full,
   guarded module; once that call has succeeded, later calls with the same signature skip the
   flattening and the guards (the guards are a function of that signature only);
@@ -60,13 +63,18 @@ def inference_compile(fn, backend: str):
     return torch.no_grad()(torch.compile(fn, backend=backend))
 
 
-def _signature(args: tuple):
-    return tuple((a.shape, a.dtype, a.device) for a in args)
+# Leaves a call may have on the lean path: tensors, and the plain constants torch.export
+# specialises on (flags such as ``use_cache=False``), which the signature holds by value.
+_LEAF_TYPES = (torch.Tensor, bool, int, float, str, type(None))
+
+
+def _signature(leaves: tuple):
+    return tuple((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a) for a in leaves)
 
 
 class LeanCall:
     """Runs ``gm`` (a module made by ``torch.export``'s ``ExportedProgram.module()``) on known
-    positional-tensor signatures without its per-call flattening and guards; None otherwise."""
+    tensor signatures without its per-call flattening and guards; None otherwise."""
 
     def __init__(self, gm: torch.fx.GraphModule, inner: str = "eager"):
         if inner not in INNER:
@@ -78,9 +86,47 @@ class LeanCall:
             self.fn = torch.compiler.disable(self._flat_forward(gm, raw=True))
         else:  # inductor traces the flat function (the ops as ops) and reads gm's attributes itself
             self.fn = inference_compile(self._flat_forward(gm, raw=False), inner)
-        spec = getattr(gm, "_in_spec", None)
-        self.arity = _positional_arity(spec)
+        self.in_spec = getattr(gm, "_in_spec", None)
+        self.arity = _positional_arity(self.in_spec)
+        self.keywords = _keyword_order(self.in_spec)
         self.out_spec = getattr(gm, "_out_spec", None)
+
+    def leaves(self, args: tuple, kwargs: dict | None = None) -> tuple | None:
+        """The call's inputs as the graph's flat inputs, or None where the lean path does not
+        apply: a layout other than the input spec's, or a leaf of another type. Positional
+        calls of plain tensors are the inputs themselves; others are flattened as the exported
+        module flattens them (keywords in the spec's order, whatever the call's)."""
+        if self.out_spec is None:
+            return None
+        if not kwargs and self.arity == len(args):
+            leaves = args
+        elif self.keywords is None or kwargs is None or set(kwargs) != self.keywords.keys():
+            return None
+        else:
+            leaves, spec = pytree.tree_flatten((args, {name: kwargs[name] for name in self.keywords}))
+            if spec != self.in_spec:
+                return None
+        for a in leaves:
+            if not isinstance(a, _LEAF_TYPES):
+                return None
+        return tuple(leaves)
+
+    def run(self, leaves: tuple):
+        """The outputs for :meth:`leaves`' result, or None for a signature not yet accepted."""
+        if _signature(leaves) not in self.known:
+            return None
+        flat = self.fn(self.gm, *leaves)
+        return pytree.tree_unflatten(list(flat), self.out_spec)
+
+    def __call__(self, *args, **kwargs):
+        """The outputs, or None when this call must take the guarded path."""
+        leaves = self.leaves(args, kwargs)
+        return None if leaves is None else self.run(leaves)
+
+    def accept(self, leaves: tuple) -> None:
+        """Record that the guarded module accepted a call with these flat inputs (:meth:`leaves`)."""
+        if len(self.known) < MAX_SIGNATURES:
+            self.known.add(_signature(leaves))
 
     @staticmethod
     def _flat_forward(gm: torch.fx.GraphModule, raw: bool):
@@ -110,24 +156,6 @@ class LeanCall:
         exec(compile(code.src, "<exprune-fx lean forward>", "exec"), namespace)  # noqa: S102
         return namespace["forward"]
 
-    def __call__(self, *args):
-        """The outputs, or None when this call must take the guarded path."""
-        if self.arity != len(args) or self.out_spec is None:
-            return None
-        for a in args:
-            if not isinstance(a, torch.Tensor):
-                return None
-        if _signature(args) not in self.known:
-            return None
-        flat = self.fn(self.gm, *args)
-        return pytree.tree_unflatten(list(flat), self.out_spec)
-
-    def accept(self, args: tuple) -> None:
-        """Record that the guarded module accepted a call with these arguments."""
-        if (self.arity == len(args) and len(self.known) < MAX_SIGNATURES
-                and all(isinstance(a, torch.Tensor) for a in args)):
-            self.known.add(_signature(args))
-
 
 class _Raw:
     """An ATen op's place in the generated code, bound to the op's C++ callable (``op._op``)
@@ -151,6 +179,14 @@ def _is_eval_dropout(node: torch.fx.Node) -> bool:
         return False
     train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
     return train is False and isinstance(node.args[0], torch.fx.Node)
+
+
+def _keyword_order(spec) -> dict | None:
+    """The keyword inputs of a ``((positional...), {keywords})`` spec, in the spec's order (a
+    dict used as an ordered set), or None for another layout."""
+    if spec is None or spec.type is not tuple or spec.num_children != 2 or spec.child(1).type is not dict:
+        return None
+    return dict.fromkeys(spec.child(1).context)
 
 
 def _positional_arity(spec) -> int:

@@ -89,23 +89,38 @@ def test_lean_path_reads_attributes_at_call_time(compiled_mlp):
     assert compiled.exprune_stats()["sites"][site.name]["prune_rate"] > 0.5
 
 
-def test_keyword_and_non_tensor_calls_use_the_guarded_path():
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(8, 64), torch.nn.Linear(64, 64)
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 64), torch.nn.Linear(64, 64)
 
-        def forward(self, x, *, scale=None):
-            h = torch.relu(self.b(torch.relu(self.a(x))))
-            return h if scale is None else h * scale
+    def forward(self, x, *, scale, shift=None):
+        h = torch.relu(self.b(torch.relu(self.a(x)))) * scale
+        return h if shift is None else h + shift
 
-    model = Scaled().eval()
-    x = torch.randn(3, 8)
-    compiled = exprune_fx.compile(model, ((x,), {"scale": torch.tensor(2.0)}), Config(alpha=0.0, k=8))
+
+def test_keyword_calls_take_the_lean_path_in_any_keyword_order():
+    """Keyword inputs are flattened as the exported module flattens them: after one guarded
+    call, calls with the same keywords (in any order) are lean, with the module's results;
+    other keywords or a non-tensor input keep the guarded path and its errors."""
+    model = _Scaled().eval()
+    x, two, one = torch.randn(3, 8), torch.tensor(2.0), torch.tensor(1.0)
+    compiled = compile_quietly(model, ((x,), {"scale": two, "shift": one}), Config(alpha=0.0, k=8))
+    lean = compiled.__dict__["_lean"]
+    y = torch.randn(5, 8)
     with torch.no_grad():
-        for _ in range(2):
-            torch.testing.assert_close(compiled(x, scale=torch.tensor(2.0)), model(x, scale=torch.tensor(2.0)))
-    assert LeanCall(compiled.graph_module).arity == -1  # keyword inputs: never lean
+        assert lean(y, scale=two, shift=one) is None  # a new signature
+        compiled(y, shift=one, scale=two)  # guarded, keywords in another order
+        for call in (lambda: lean(y, scale=two, shift=one), lambda: lean(y, shift=one, scale=two)):
+            out = call()
+            assert out is not None and torch.equal(out, compiled.graph_module(y, scale=two, shift=one))
+        torch.testing.assert_close(compiled(y, shift=one, scale=two), model(y, scale=two, shift=one))
+        assert lean(y, scale=two) is None and lean(y, scale=2.0, shift=one) is None
+        compiled.reset_stats()
+        compiled(y, scale=two, shift=one)
+        assert compiled.exprune_stats()["rows"] == 5
+        with pytest.raises(InputError, match="keyword inputs"):
+            compiled(y, scale=two)
 
 
 @settings(max_examples=40, deadline=None)
@@ -214,27 +229,52 @@ def test_inductor_inner_compiles_the_flat_graph_and_keeps_the_eager_results(fres
     assert compiled.exprune_stats()["sites"][site.name]["prune_rate"] > 0.5
 
 
-def test_inductor_inner_runs_keyword_calls_through_the_compiled_module(fresh_dynamo):
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(8, 64), torch.nn.Linear(64, 64)
-
-        def forward(self, x, *, scale):
-            return torch.relu(self.b(torch.relu(self.a(x)))) * scale
-
-    model = Scaled().eval()
-    x, two = torch.randn(3, 8), torch.tensor(2.0)
-    compiled = compile_quietly(model, ((x,), {"scale": two}), Config(k=4, alpha=0.0))
+def test_inductor_inner_runs_keyword_calls_through_the_compiled_flat_function(fresh_dynamo):
+    """Under inductor, keyword calls run the compiled flat function; the first one per
+    signature runs eagerly, through the guards (one dynamo graph in all: the exported module
+    itself is never compiled)."""
+    model = _Scaled().eval()
+    x, two, one = torch.randn(3, 8), torch.tensor(2.0), torch.tensor(1.0)
+    compiled = compile_quietly(model, ((x,), {"scale": two, "shift": one}), Config(k=4, alpha=0.0))
     compiled.set_inner("inductor")
     with torch.no_grad():
-        for _ in range(2):
-            torch.testing.assert_close(compiled(x, scale=two), model(x, scale=two), rtol=1e-5, atol=1e-5)
-    assert "_compiled" in compiled.__dict__ and compiled.exprune_stats()["calls"] == 2
+        graphs = _unique_graphs()
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x, scale=two, shift=one), model(x, scale=two, shift=one),
+                                       rtol=1e-5, atol=1e-5)
+        lean = compiled.__dict__["_lean"]
+        assert _unique_graphs() == graphs + 1 and lean.inner == "inductor"
+        assert lean(x, shift=one, scale=two) is not None
+    assert compiled.exprune_stats()["calls"] == 3
     compiled.set_inner("eager")  # back: no inductor build left behind
-    assert "_compiled" not in compiled.__dict__ and "_lean" not in compiled.__dict__
+    assert "_lean" not in compiled.__dict__
     with pytest.raises(InputError, match="inner must be one of"):
         compiled.set_inner("tvm")
+
+
+class _Repeat(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x, times: int):
+        return torch.relu(self.b(torch.relu(self.a(x)))).repeat(1, times)
+
+
+def test_constant_inputs_are_part_of_the_lean_signature():
+    """An int input (torch.export specialises on its value) rides along on the lean path, and
+    the signature holds its value: another value takes the guarded path, whose guard refuses
+    it with the clear error."""
+    model = _Repeat().eval()
+    x = torch.randn(3, 8)
+    compiled = compile_quietly(model, (x, 2), Config(k=4, alpha=0.0))
+    lean = compiled.__dict__["_lean"]
+    with torch.no_grad():
+        compiled(x, 2)
+        assert lean(x, 2) is not None and lean(x, 3) is None and lean(x, 2.0) is None
+        torch.testing.assert_close(compiled(x, 2), model(x, 2))
+        with pytest.raises(InputError, match="do not fit the compiled graph"):
+            compiled(x, 3)
 
 
 @settings(max_examples=6, deadline=None)
