@@ -139,7 +139,8 @@ class CompiledModel(torch.nn.Module):
             shapes = "a dynamic batch axis" if self.dynamic_batch else "the example's exact shapes"
             raise InputError(
                 f"these inputs do not fit the compiled graph ({str(exc).strip()}); it was exported for "
-                f"{shapes}. Compile again with example inputs shaped like the ones you run.") from None
+                f"{shapes} and the example's values of its non-tensor inputs (flags, ints). Compile again "
+                f"with example inputs like the ones you run.") from None
         except (ValueError, TypeError):
             self._check_structure(args, kwargs)
             raise

@@ -27,9 +27,10 @@ With ``inner="inductor"`` the same flat function is compiled by inductor (``torc
 which specialises it per signature as it does any function and guards on the graph module's
 attributes) instead; its site ops are left as ops, except that a site the ``"fastest"``
 kernels run dense on every call is written in torch ops (:mod:`.runtime.lowering`), so that
-inductor fuses and lays it out as it does the dense model. Compiling the exported module itself would keep its
-pytree flattening, input checks and forward hooks around the compiled code, on every call:
-60-90 us a call on a 784-1024-1024-10 MLP, more than the model's batch-1 time.
+inductor fuses and lays it out as it does the dense model. Compiling the exported module
+itself would keep its pytree flattening, input checks and forward hooks around the compiled
+code, on every call: 60-90 us a call on a 784-1024-1024-10 MLP, more than the model's batch-1
+time.
 
 Example:
     >>> import torch
@@ -74,7 +75,7 @@ def _signature(leaves: tuple):
 
 class LeanCall:
     """Runs ``gm`` (a module made by ``torch.export``'s ``ExportedProgram.module()``) on known
-    tensor signatures without its per-call flattening and guards; None otherwise."""
+    input signatures without its per-call flattening and guards; None otherwise."""
 
     def __init__(self, gm: torch.fx.GraphModule, inner: str = "eager"):
         if inner not in INNER:
