@@ -86,7 +86,11 @@ def side_by_side(fns: dict, inputs, repeats: int, seed: int = 0) -> dict:
 
 
 def variants(model, compiled, example) -> dict:
-    """The variants as callables on one input; ``example`` is what ``compiled`` was compiled on."""
+    """The variants as callables on one input; ``example`` is what ``compiled`` was compiled on.
+    Dynamo's caches are cleared first: ``torch.compile(model)`` for another batch size would
+    otherwise share the cache of ``model.forward`` with the earlier one, and recompile it for a
+    dynamic batch axis (slower code, and the old entry checked on every call)."""
+    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         inductor = torch.compile(model, backend="inductor")
