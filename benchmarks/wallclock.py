@@ -61,7 +61,7 @@ from exprune_fx.runtime.counters import new_counters, read
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tasks  # noqa: E402
-from timing import interleaved_times  # noqa: E402
+from exprune_fx.timing import interleaved_times  # noqa: E402
 from calibration import _call, evaluate  # noqa: E402
 
 CASES = ("mlp", "resnet", "vgg", "opt_lm")

@@ -28,6 +28,12 @@ tensors; ``--eval`` puts the model in eval mode first.
     Fashion-MNIST to at most ``D`` accuracy drop (default 0.01), print the per-site table,
     test accuracy and FLOPs reduction, and write the graph dump, plots and ``results.json``
     to ``DIR`` (default ``demo-out``).
+``exprune-fx tune [--quick] [--runs N] [--repeats N] [--no-save]``
+    Fit the fast kernels' cost model to this machine (:mod:`exprune_fx.runtime.tuning`): time
+    one linear site's kernels over a grid of shapes, rows and survivor shares (about half a
+    minute; ``--quick``: seconds, less reliable), print the constants in force and the fitted
+    ones with the time each loses against always taking the faster kernel, and save the fitted
+    ones for later processes on this machine (unless ``--no-save``).
 
 Errors are one line on stderr starting with ``exprune-fx: error:``; the exit status is 2 for
 a bad command line (arguments, model spec, shapes, config values) and 1 when the model cannot
@@ -155,7 +161,7 @@ def _add_config_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``exprune-fx`` argument parser with its ``dump``, ``stats`` and ``demo`` commands."""
+    """The ``exprune-fx`` argument parser with its ``dump``, ``stats``, ``demo`` and ``tune`` commands."""
     parser = _Parser(prog=PROG, description="ExPrune as a torch.fx compiler pass: inspect what "
                      "the exchangeability analysis finds in a model.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -214,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the calibration (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=run_demo)
+
+    tune = commands.add_parser(
+        "tune", help="fit the fast kernels' cost model to this machine and save it",
+        description="Time one linear ReLU site's kernels (row-wise early exit, BLAS, dense layer) over a grid "
+                    "of layer shapes, rows per call and survivor shares, fit the cost model's constants "
+                    "(exprune_fx.runtime.fast) that lose the least time against always taking the faster "
+                    "kernel, apply them and save them for later processes on this machine (CPU, torch "
+                    "version and thread count). EXPRUNE_COST_MODEL=builtin ignores the saved ones.")
+    tune.add_argument("--quick", action="store_true",
+                      help="a small grid and one sweep: seconds instead of about half a minute, less reliable")
+    tune.add_argument("--runs", type=_positive_int, default=None, metavar="N",
+                      help="sweeps over the grid, each cell's median kept (default 3; 1 with --quick)")
+    tune.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
+                      help="repetitions per kernel and cell in one sweep (default 30; 10 with --quick)")
+    tune.add_argument("--no-save", action="store_true", help="print the fit only; keep nothing")
+    tune.set_defaults(handler=run_tune)
     return parser
 
 
@@ -528,6 +550,24 @@ def run_demo(args: argparse.Namespace) -> int:
         summary = run(args.out, val=args.val, test=args.test, max_drop=args.max_drop, seed=args.seed,
                       progress=not args.quiet)
     return 1 if summary["symmetry_failures"] else 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """``exprune-fx tune``: :func:`exprune_fx.runtime.tuning.tune`, reported."""
+    from .runtime import fast, tuning
+
+    if fast.module() is None:
+        raise CliError("the fast kernels could not be built here (see the warning above): there is nothing to tune")
+    result = tuning.tune(quick=args.quick, runs=args.runs, repeats=args.repeats, save=not args.no_save)
+    print(f"cost model for this machine ({result['tag']}, {torch.get_num_threads()} threads):")
+    for setting, choice in tuning.CHOICES.items():
+        old = ", ".join(f"{name}={result['before'][name]:g}" for name in choice["constants"])
+        new = ", ".join(f"{name}={result['constants'][name]:g}" for name in choice["constants"])
+        before, after = result["loss"][setting]
+        print(f'  "{setting}": in force {old} (loses {100 * before:.1f}%); fitted {new} (loses {100 * after:.1f}%)')
+    print("time lost: mean over the grid's cells against always taking the faster kernel")
+    print(f"saved to {result['path']}" if result["path"] else "not saved (--no-save)")
+    return 0
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:

@@ -13,6 +13,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+# the cost model's built-in constants, whatever `exprune-fx tune` saved on this machine
+os.environ["EXPRUNE_COST_MODEL"] = "builtin"
 warnings.filterwarnings("ignore", message=".*torch.export.*")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -49,7 +49,8 @@ _SOURCE = Path(__file__).parent / "csrc" / "fast_kernels.cpp"
 _state = {"setting": os.environ.get("EXPRUNE_KERNELS", "auto"), "module": None, "failed": None}
 _lock = threading.Lock()
 
-# The cost model's constants, fitted to the grid of ``python benchmarks/site_kernels.py --runs 5``
+# The cost model's constants (``exprune-fx tune`` refits them on another machine: runtime/tuning.py),
+# fitted to the grid of ``python benchmarks/site_kernels.py --runs 5``
 # (seven layer shapes from 512 x 128 to 1024 x 1024 and 256 x 3136, 1-32 rows, 10-100%
 # survivors; docs/benchmarks.md, "The cost model's data") as the values that lose the least time
 # against always taking the faster kernel, over two runs of the grid on the development machine
@@ -95,6 +96,10 @@ def module():
                 _state["failed"] = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                 warnings.warn(f"exprune-fx: the fast kernels could not be built ({_state['failed']}); "
                               "using the reference kernels", RuntimeWarning, stacklevel=3)
+            else:
+                from . import tuning  # the constants `exprune-fx tune` saved for this machine, if any
+
+                tuning.apply_saved()
     return _state["module"]
 
 

@@ -1,4 +1,4 @@
-"""Side-by-side timing shared by the benchmarks: interleaved repetitions in a random order.
+"""Side-by-side timing (the benchmarks, the cost-model tuner): interleaved repetitions in a random order.
 
 Each repetition runs every variant once, in a new random order: a fixed order favours or
 penalises a variant by what ran before it (warm caches, the other variant's threads).
