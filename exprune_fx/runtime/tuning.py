@@ -238,9 +238,9 @@ def apply_saved() -> dict | None:
 
 
 def _read(path: Path) -> dict | None:
-    if not path.exists():
-        return None
     try:
+        if not path.exists():
+            return None
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         warnings.warn(f"exprune-fx: ignoring {path}: {exc}", RuntimeWarning, stacklevel=3)
