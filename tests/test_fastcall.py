@@ -149,6 +149,33 @@ def test_lean_path_calls_the_kernels_directly_with_the_dispatchers_results(arch,
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@settings(max_examples=15, deadline=None)
+@given(architectures(), st.sampled_from(["reference", "fastest"]), st.booleans())
+def test_lean_keyword_calls_equal_the_guarded_module(arch, setting, aggressive):
+    """Generated architectures compiled on a keyword input: once the guards have accepted a
+    signature, keyword calls take the lean path, with the guarded module's outputs and
+    counters bit for bit, also at another batch size; pruning nothing, the model's outputs."""
+    model, x = arch
+    tests = {"test": "threshold", "threshold": 0.3} if aggressive else {"alpha": 0.0}
+    compiled = compile_quietly(model, {"x": x}, Config(k=2, **tests))
+    lean, gm = compiled.__dict__["_lean"], compiled.graph_module
+    other = torch.cat([x, x[:1]])  # one more row: a new signature (the batch axis is dynamic)
+    with torch.no_grad(), fast.use(setting):
+        for inputs in (x, other):
+            compiled(x=inputs)  # guarded once per signature
+            results = []
+            for call in (lambda: compiled(x=inputs), lambda: gm(x=inputs)):  # lean, then guarded
+                compiled.reset_stats()
+                results.append((call(), [compiled._counters(s).clone() for s in compiled.rewritten_sites]))
+            assert lean(x=inputs) is not None
+            (lean_out, lean_counts), (guarded_out, guarded_counts) = results
+            torch.testing.assert_close(lean_out, guarded_out, rtol=0, atol=0)
+            for a, b in zip(lean_counts, guarded_counts):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            if not aggressive:
+                torch.testing.assert_close(lean_out, model(inputs), rtol=1e-4, atol=1e-4)
+
+
 def test_every_op_has_its_python_kernel():
     names = {op.name() for op in PYTHON_KERNELS}
     assert names == {f"exprune::{name}" for name in torch.ops.exprune}
