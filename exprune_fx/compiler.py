@@ -46,16 +46,13 @@ class ExPruneWarning(UserWarning):
 
 def batch_rows(args: tuple, kwargs: dict) -> int:
     """The batch size of a call: the leading size of its first tensor input (1 if none)."""
-    for leaf in tree_leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    return 1
+    return _leading_size(tree_leaves((args, kwargs)))
 
 
-def _leading_size(leaves: tuple) -> int:
-    """:func:`batch_rows` of a call given as its flat tensor inputs."""
+def _leading_size(leaves) -> int:
+    """:func:`batch_rows` of a call given as its flat inputs."""
     for leaf in leaves:
-        if leaf.dim() > 0:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     return 1
 

@@ -1,6 +1,7 @@
 import os
 import warnings
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # CI runs a fixed, reproducible set of examples; local runs explore new ones each time.
@@ -21,3 +22,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)  # one thread per worker: 2 workers on 2 cores, no oversubscription
+
+
+@pytest.fixture()
+def fresh_dynamo():
+    """Dynamo's caches and counters empty before and after the test."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

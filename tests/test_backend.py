@@ -8,6 +8,7 @@ import exprune_fx
 from exprune_fx import Config, InputError
 from exprune_fx.zoo import mlp, residual_cnn
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # (tests/conftest.py)
 NEVER = Config(alpha=0.0, k=8)
 SOME = Config(alpha=0.3, k=8)
 
@@ -32,13 +33,6 @@ def factories():
     except ImportError:
         pass
     return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])

@@ -215,13 +215,6 @@ def test_lean_path_calls_aten_ops_directly_and_skips_eval_dropout():
     assert torch.ops.aten.linear.default._op in bound and torch.ops.aten.dropout.default._op not in bound
 
 
-@pytest.fixture()
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _unique_graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 

@@ -162,13 +162,6 @@ def test_inductor_fastest_keeps_the_eager_outputs_and_counters_and_follows_the_s
                 assert (pruned > 0) == (setting == "reference")
 
 
-@pytest.fixture()
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @settings(max_examples=4, deadline=None)
 @given(architectures())
 def test_inductor_fastest_preserves_semantics_when_nothing_is_pruned(arch):

@@ -137,7 +137,8 @@ _KERNELS = (ROW, BLAS, DENSE)  # their codes in csrc/fast_kernels.cpp are their 
 _SETTING_CODES = {"auto": 0, "fast": 1, "fastest": 2}
 
 
-def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30) -> str | None:
+def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30,
+           constants: dict | None = None) -> str | None:
     """The cost model: the kernel for one call of a linear site. Its expected work in weight
     rows read is ``reads = rows * (k_share + (1 - k_share) * survivors)``, ``survivors`` the
     site's measured share of outputs kept so far among those it tested (counters: ``1 - pruned
@@ -152,13 +153,16 @@ def choose(rows: int, k_share: float, stats: torch.Tensor, terms: int = 1 << 30)
       call prunes nothing).
 
     It runs in C++ (``choose`` in csrc/fast_kernels.cpp), inside the same call as the kernel;
-    this function asks it, for tests and tools. Needs the extension (None without it).
+    this function asks it, for tests and tools, with the constants in force or (``constants``,
+    by name) others. Needs the extension (None without it).
     """
     ext = module()
     if ext is None:
         return None
-    return _KERNELS[ext.choose(rows, k_share, stats, terms, _SETTING_CODES.get(current(), 0), ROW_BUDGET,
-                               DENSE_BUDGET, OUTPUT_COST, MIN_TERMS)]
+    c = {"ROW_BUDGET": ROW_BUDGET, "DENSE_BUDGET": DENSE_BUDGET, "OUTPUT_COST": OUTPUT_COST, "MIN_TERMS": MIN_TERMS,
+         **(constants or {})}
+    return _KERNELS[ext.choose(rows, k_share, stats, terms, _SETTING_CODES.get(current(), 0), c["ROW_BUDGET"],
+                               c["DENSE_BUDGET"], c["OUTPUT_COST"], c["MIN_TERMS"])]
 
 
 def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical, stats, stages: int = 1,

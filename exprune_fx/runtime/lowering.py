@@ -43,22 +43,21 @@ _ops = torch.ops.exprune
 def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical, stats, stages: int = 1):
     """``exprune::relu_linear``, or its dense form where the cost model runs it dense."""
     if _linear_runs_dense(x, weight, unit, k, stats):
-        return dense_epilogue(F.linear(x, weight), scale, offset, stats, x.shape[-1], count_negative=True)
+        return _dense_linear(x, weight, scale, offset, stats)
     return _ops.relu_linear.default(x, weight, scale, offset, unit, k, test, critical, stats, stages)
 
 
 def relu_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical, stats, stages: int = 1):
     """``exprune::relu_matmul``: with a compile-time weight [N, K], as :func:`relu_linear`."""
     if weight.dim() == 2 and _linear_runs_dense(x, weight, unit, k, stats):
-        return dense_epilogue(F.linear(x, weight), scale, offset, stats, x.shape[-1], count_negative=True)
+        return _dense_linear(x, weight, scale, offset, stats)
     return _ops.relu_matmul.default(x, weight, scale, offset, unit, k, test, critical, stats, stages)
 
 
 def argmax_matmul(x, weight, scale, offset, unit: int, k: int, test: int, critical, stats):
     """``exprune::argmax_matmul``: dense under ``"fastest"``, one decision per row."""
     if fast.current() == "fastest":
-        return dense_epilogue(F.linear(x, weight), scale, offset, stats, x.shape[-1], count_negative=False,
-                              per_row=True)
+        return _dense_linear(x, weight, scale, offset, stats, argmax=True)
     return _ops.argmax_matmul.default(x, weight, scale, offset, unit, k, test, critical, stats)
 
 
@@ -71,6 +70,13 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
         return dense_epilogue(z, scale, offset, stats, terms, count_negative=True)
     return _ops.relu_conv2d.default(x, weight, scale, offset, stride, padding, dilation, groups, unit, k, test,
                                     critical, stats, stages)
+
+
+def _dense_linear(x, weight, scale, offset, stats, argmax: bool = False):
+    """A linear site's dense form: ``x @ weight.T``, the folded epilogue, the counters of a call
+    that prunes nothing (an argmax site decides once per row and counts no negatives)."""
+    return dense_epilogue(F.linear(x, weight), scale, offset, stats, x.shape[-1], count_negative=not argmax,
+                          per_row=argmax)
 
 
 def _linear_runs_dense(x, weight, unit: int, k: int, stats) -> bool:

@@ -41,7 +41,6 @@ import random
 import statistics
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -136,10 +135,10 @@ def row_chosen(cell: dict, setting: str, constants: tuple | None = None) -> bool
     constants in force, or those given), at the cell's survivor share."""
     stats = new_counters()
     stats[INDEX["outputs"]], stats[INDEX["pruned"]] = 1000.0, 1000.0 * (1 - cell["survivors"])  # the share kept
-    names = CHOICES[setting]["constants"]
-    values = dict(zip(names, constants)) if constants is not None else {}
-    with mock.patch.multiple(fast, **values) if values else contextlib.nullcontext(), fast.use(setting):
-        return fast.choose(cell["rows"], cell["k"] * cell["unit"] / cell["k_terms"], stats, cell["k_terms"]) == fast.ROW
+    values = dict(zip(CHOICES[setting]["constants"], constants)) if constants is not None else None
+    with fast.use(setting):
+        return fast.choose(cell["rows"], cell["k"] * cell["unit"] / cell["k_terms"], stats, cell["k_terms"],
+                           values) == fast.ROW
 
 
 def loss(cells: list[dict], setting: str, constants: tuple | None = None) -> float:
