@@ -281,6 +281,28 @@ class _Repeat(torch.nn.Module):
         return torch.relu(self.b(torch.relu(self.a(x)))).repeat(1, times)
 
 
+class _Flagged(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 64)
+
+    def forward(self, double: bool, x):
+        h = torch.relu(self.a(x))
+        return h * 2 if double else h
+
+
+def test_a_constant_input_before_the_tensors_counts_rows_from_the_first_tensor():
+    model = _Flagged().eval()
+    x = torch.randn(3, 8)
+    compiled = compile_quietly(model, (True, x), Config(k=4, alpha=0.0))
+    with torch.no_grad():
+        compiled(True, x)
+        compiled.reset_stats()
+        out = compiled(True, x)  # lean
+    torch.testing.assert_close(out, model(True, x))
+    assert compiled.exprune_stats()["rows"] == 3
+
+
 def test_constant_inputs_are_part_of_the_lean_signature():
     """An int input (torch.export specialises on its value) rides along on the lean path, and
     the signature holds its value: another value takes the guarded path, whose guard refuses
