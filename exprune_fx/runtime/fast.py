@@ -186,3 +186,85 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
     return ext.linear_site(x, weight, scale, offset, unit, k, test, critical, stats, stages,
                            _SETTING_CODES.get(setting, 0), -1 if kernel is None else _KERNELS.index(kernel),
                            ROW_BUDGET, DENSE_BUDGET, OUTPUT_COST, MIN_TERMS)
+
+
+_BLOCK = 32  # output channels per task in csrc/fast_kernels.cpp (2 x kLanes)
+
+
+def _covers_conv(x, weight, padding) -> bool:
+    return (current() != "reference" and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not isinstance(padding, str) and module() is not None)
+
+
+def _conv_head_args(xk, wk, k: int, unit: int, stride, padding, dilation) -> tuple:
+    """The C++ head's arguments for a site's first ``k`` terms: xk [B, G, k*unit, H, W], wk
+    [G, C, k*unit, kh, kw] -> the input zero-padded, the weight transposed (output channels
+    contiguous, padded to a multiple of 32), and the shape arguments."""
+    b, g, kc, h, w = xk.shape
+    cout_g, kh, kw = wk.shape[1], wk.shape[3], wk.shape[4]
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    x = torch.nn.functional.pad(xk.reshape(b, g * kc, h, w), (pw, pw, ph, ph)).contiguous()
+    wt = wk.new_zeros(g, kc * kh * kw, -(-cout_g // _BLOCK) * _BLOCK)
+    wt[:, :, :cout_g] = wk.reshape(g, cout_g, kc * kh * kw).transpose(1, 2)
+    return x, wt, cout_g, k, unit, kh, kw, oh, ow, [sh, sw], [dh, dw]
+
+
+def _channels_first(t, oh: int, ow: int):
+    """[B, oh*ow, C] (the kernels' channels-last layout) as a [B, C, oh, ow] view."""
+    return t.view(t.shape[0], oh, ow, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def conv_term_sums(xk, wk, k: int, unit: int, test: int, stride, padding, dilation):
+    """:func:`kernels._conv_term_sums` (the first ``k`` terms' sum and, for the stats test, sum
+    of squares per output of a convolution site) in one C++ pass over the input, instead of one
+    small convolution per term; the results are channels-last views. None where it does not
+    cover the call: the ``"reference"`` setting, the extension not built, tensors other than
+    float32 on the CPU, a padding given by name."""
+    if not _covers_conv(xk, wk, padding):
+        return None
+    args = _conv_head_args(xk, wk, k, unit, stride, padding, dilation)
+    s1, s2 = module().conv_term_sums(*args, test == 0)
+    oh, ow = args[7], args[8]
+    return _channels_first(s1, oh, ow), (_channels_first(s2, oh, ow) if test == 0 else None)
+
+
+def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int, unit: int, k: int, test: int,
+                critical, stats, stages: int = 1):
+    """One call of a convolution site (:func:`kernels.relu_conv2d`'s arguments) with a single
+    stage, in three steps: the head's sums and test in one C++ pass (no tensor of squares is
+    written), the remainder convolution (torch's) for the channels with any surviving output,
+    and one C++ pass for the epilogue and the counters. None where it does not cover the call
+    (:func:`conv_term_sums`'s cases, several stages, counters not on the CPU): the caller runs
+    the reference kernel."""
+    if stages != 1 or not _covers_conv(x, weight, padding) or stats.device.type != "cpu":
+        return None
+    if not 2 <= k < weight.shape[1] // unit:  # (the reference's checks and errors)
+        return None
+    ext = module()
+    b, cin, h, w = x.shape
+    cout, cin_g, kh, kw = weight.shape
+    g, cout_g, kc = groups, cout // groups, k * unit
+    xg, wg = x.view(b, g, cin_g, h, w), weight.view(g, cout_g, cin_g, kh, kw)
+    args = _conv_head_args(xg[:, :, :kc], wg[:, :, :kc], k, unit, stride, padding, dilation)
+    oh, ow = args[7], args[8]
+    a = scale.to(torch.float32).reshape(-1).contiguous()
+    c = None if offset is None else offset.to(torch.float32).expand(b, cout, oh, ow)
+    crit = torch.as_tensor(critical, dtype=torch.float32).reshape(-1).contiguous()
+    s1, _, pruned, alive = ext.conv_head(*args, test, a, c, crit, cin_g // unit)
+    chans = alive.nonzero().squeeze(1)
+    per_map = b * oh * ow * kh * kw  # MACs per output channel and input channel
+    z = slot = None
+    rest = 0
+    if chans.numel() and (g > 1 or chans.numel() == cout):
+        x_rest = xg[:, :, kc:].reshape(b, g * (cin_g - kc), h, w)
+        z = torch.nn.functional.conv2d(x_rest, wg[:, :, kc:].reshape(cout, cin_g - kc, kh, kw), None, stride,
+                                       padding, dilation, g)
+        rest = cout * (cin_g - kc) * per_map
+    elif chans.numel():
+        z = torch.nn.functional.conv2d(x[:, kc:], weight[chans, kc:], None, stride, padding, dilation, 1)
+        slot = torch.full((cout,), -1, dtype=torch.int64)
+        slot[chans] = torch.arange(chans.numel())
+        rest = chans.numel() * (cin_g - kc) * per_map
+    return ext.conv_finish(z, s1, pruned, slot, a, c, stats, oh, ow, k, unit * kh * kw, cin_g * kh * kw, test,
+                           float(cout * kc * per_map + rest))

@@ -250,6 +250,11 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         terms = weight.shape[1] * weight.shape[2] * weight.shape[3]  # MACs per output
         return _dense_call(z, scale, offset, stats, terms, count_negative=True)
+    if not observe.active():  # one stage on the fast kernels: two C++ passes around the remainder convolution
+        out = fast.relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups, unit, k, test, critical,
+                               stats, stages)
+        if out is not None:
+            return out
     b, cin, h, w = x.shape
     cout, cin_g, kh, kw = weight.shape
     g, cout_g = groups, cout // groups
@@ -343,6 +348,10 @@ def _conv_term_sums(xk, wk, k: int, unit: int, test: int, stride, padding, dilat
     needs); the squares accumulate term by term (one small convolution per term, squared in
     place), so memory stays at the output's size: 2-6x faster on CPU than one grouped
     convolution that writes all k terms."""
+    if test == STATS:  # one C++ pass for both sums where the fast kernels run (not "reference")
+        sums = fast.conv_term_sums(xk, wk, k, unit, test, stride, padding, dilation)
+        if sums is not None:
+            return sums
     b, g, kc, h, w = xk.shape
     cout_g, kh, kw = wk.shape[1], wk.shape[3], wk.shape[4]
     s1 = F.conv2d(xk.reshape(b, g * kc, h, w), wk.reshape(g * cout_g, kc, kh, kw), None, stride, padding,
