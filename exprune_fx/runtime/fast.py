@@ -9,11 +9,13 @@ first ``k`` terms, test it, and read the rest of its weight row only when it sur
 
 Which kernels run is a process-wide setting:
 
-* ``"auto"`` (default): on every supported call (float32 CPU tensors, a weight split at
-  compile time), the row-wise kernel or the BLAS kernel, as :func:`choose` says; the
-  reference kernels elsewhere, and everywhere when the extension cannot be built (no C++
-  compiler), with one warning;
-* ``"fast"``: the row-wise kernel on every supported call, whatever the cost;
+* ``"auto"`` (default): on every supported linear call (float32 CPU tensors, a weight split
+  at compile time), the row-wise kernel or the BLAS kernel, as :func:`choose` says; on
+  convolution sites, :func:`relu_conv2d` (the C++ head and test around torch's remainder
+  convolution); the reference kernels elsewhere, and everywhere when the extension cannot be
+  built (no C++ compiler), with one warning;
+* ``"fast"``: the row-wise kernel on every supported linear call, whatever the cost;
+  convolution sites as under ``"auto"``;
 * ``"fastest"``: per call, the row-wise kernel where it beats the dense layer, else the dense
   layer itself (that call prunes nothing); convolution and argmax sites run dense;
 * ``"reference"``: the reference kernels only (the count-only simulation).

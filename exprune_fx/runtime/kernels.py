@@ -245,7 +245,10 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
                 test: int, critical: float, stats, stages: int = 1):
     """Early negative prediction for a 2-d convolution; a term is ``unit`` input channels'
     whole window contribution, counted within each group. ``stages > 1`` tests the outputs
-    left undecided again at 2k, 4k, ... terms (for the channels that have any)."""
+    left undecided again at 2k, 4k, ... terms (for the channels that have any). Under the
+    ``"auto"`` and ``"fast"`` settings a single-stage call runs :func:`fast.relu_conv2d` (the
+    same decisions and counters, its head and epilogue in C++) unless thresholds are being
+    recorded."""
     if fast.current() == "fastest":  # no convolution kernel beats the dense one on CPU (docs/benchmarks.md)
         z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         terms = weight.shape[1] * weight.shape[2] * weight.shape[3]  # MACs per output

@@ -1,4 +1,4 @@
-// Fast CPU kernels for linear-like ExPrune sites (float32), built on first use by
+// Fast CPU kernels for linear-like and convolution ExPrune sites (float32), built on first use by
 // exprune_fx/runtime/fast.py. Semantics are those of the reference kernels in kernels.py:
 // the same terms, tests, decisions and counters; only the work done differs. Each output
 // (row i, feature j) reads the first k terms of its weight row, is tested, and reads the rest of
@@ -10,6 +10,11 @@
 // broadcast) or empty. Counters are the float64 vector of counters.py, updated in place.
 // Threads: at::parallel_for over blocks of outputs (compiled with -fopenmp, sharing torch's
 // OpenMP runtime).
+//
+// Convolution sites (conv_head, conv_finish, at the end) keep the reference's work split (head
+// for every output, remainder for whole channels with a survivor: that part is torch's
+// convolution) and fuse what the reference runs as many small ops: the head's sums and squares
+// per term (one small convolution per term there), the test, the epilogue and the counters.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
