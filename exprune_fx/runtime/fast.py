@@ -47,7 +47,10 @@ from ..errors import InputError
 from .setting import set_scoped
 
 SETTINGS = ("auto", "fast", "fastest", "reference")
-_SOURCE = Path(__file__).parent / "csrc" / "fast_kernels.cpp"
+# one translation unit, in this order: the linear kernels and shared helpers, the convolution
+# kernels, the Python bindings
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("fast_kernels.cpp", "conv_kernels.cpp", "bindings.cpp")]
 _state = {"setting": os.environ.get("EXPRUNE_KERNELS", "auto"), "module": None, "failed": None}
 _lock = threading.Lock()
 
@@ -113,7 +116,7 @@ def built() -> bool:
 def _build():
     from torch.utils import cpp_extension
 
-    source = _SOURCE.read_text()
+    source = "\n".join(path.read_text() for path in _SOURCES)
     # -march=native: the build is per machine; the CPU's flags are in the name so that a shared
     # cache never hands one machine's build to another.
     flags = _cpu_flags()
@@ -190,7 +193,7 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
                            ROW_BUDGET, DENSE_BUDGET, OUTPUT_COST, MIN_TERMS)
 
 
-_BLOCK = 32  # output channels per task in csrc/fast_kernels.cpp (2 x kLanes)
+_BLOCK = 32  # output channels per task in csrc/conv_kernels.cpp (2 x kLanes)
 
 
 def _covers_conv(x, weight, padding) -> bool:
