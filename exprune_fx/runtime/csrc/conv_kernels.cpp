@@ -199,7 +199,8 @@ at::Tensor conv_finish(const c10::optional<at::Tensor>& z, const at::Tensor& s1,
   const float* ap = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
   std::atomic<int64_t> n_pruned{0}, negative{0};
-  at::parallel_for(0, batch * wide, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, len)), [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, len));
+  at::parallel_for(0, batch * wide, grain, [&](int64_t t0, int64_t t1) {
     int64_t cut = 0, neg = 0;
     for (int64_t plane = t0; plane < t1; ++plane) {
       const int64_t b = plane / wide, ch = plane % wide;
@@ -225,15 +226,8 @@ at::Tensor conv_finish(const c10::optional<at::Tensor>& z, const at::Tensor& s1,
   });
   const double outputs = static_cast<double>(batch) * wide * len, cut = static_cast<double>(n_pruned.load());
   const double used = outputs * terms, test_macs = test == 0 ? used + 4 * outputs : 2 * outputs;
-  double* kp = counter_slots(counters);
-  kp[kCalls] += 1;
-  kp[kOutputs] += outputs;
-  kp[kPruned] += cut;
-  kp[kDense] += outputs * big_k;
-  kp[kPartial] += used * term_macs;
-  kp[kTest] += test_macs;
-  kp[kRemainder] += (outputs - cut) * (big_k - terms * term_macs);
-  kp[kComputed] += computed + test_macs;
-  kp[kNegative] += static_cast<double>(negative.load());
+  const double remainder = (outputs - cut) * (big_k - terms * term_macs);
+  count_tested(counters, outputs, cut, big_k, used * term_macs, test_macs, remainder, computed + test_macs,
+               static_cast<double>(negative.load()));
   return out;
 }

@@ -95,6 +95,23 @@ double* counter_slots(const at::Tensor& counters) {
   return counters.data_ptr<double>();
 }
 
+// One tested call of a site, added to its counters (kernels._count_relu's fields): `outputs`
+// outputs of `big_k` MACs each, `pruned` of them pruned, `partial` MACs in heads, `test` MACs
+// in tests, `remainder` MACs in the survivors' remainders, `computed` MACs spent in all.
+void count_tested(const at::Tensor& counters, double outputs, double pruned, double big_k, double partial,
+                  double test, double remainder, double computed, double negative) {
+  double* cp = counter_slots(counters);
+  cp[kCalls] += 1;
+  cp[kOutputs] += outputs;
+  cp[kPruned] += pruned;
+  cp[kDense] += outputs * big_k;
+  cp[kPartial] += partial;
+  cp[kTest] += test;
+  cp[kRemainder] += remainder;
+  cp[kComputed] += computed;
+  cp[kNegative] += negative;
+}
+
 struct Tally {
   double pruned = 0, used = 0, tests = 0, remainder = 0, negative = 0;
 };
@@ -243,16 +260,8 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   }
   const double outputs = static_cast<double>(m) * n_out;
   const double test_macs = stats ? total.used + 4 * total.tests : 2 * total.tests;
-  double* cp = counter_slots(counters);
-  cp[kCalls] += 1;
-  cp[kOutputs] += outputs;
-  cp[kPruned] += total.pruned;
-  cp[kDense] += outputs * big_k;
-  cp[kPartial] += total.used * unit;
-  cp[kTest] += test_macs;
-  cp[kRemainder] += total.remainder;
-  cp[kComputed] += total.used * unit + total.remainder + test_macs;
-  cp[kNegative] += total.negative;
+  count_tested(counters, outputs, total.pruned, big_k, total.used * unit, test_macs, total.remainder,
+               total.used * unit + total.remainder + test_macs, total.negative);
   return out;
 }
 
@@ -308,16 +317,8 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   for (const Tally& t : tallies) pruned += t.pruned, negative += t.negative;
   const double outputs = static_cast<double>(m) * n_out;
   const double test_macs = stats ? outputs * (k + 4) : 2 * outputs;
-  double* cp = counter_slots(counters);
-  cp[kCalls] += 1;
-  cp[kOutputs] += outputs;
-  cp[kPruned] += pruned;
-  cp[kDense] += outputs * big_k;
-  cp[kPartial] += outputs * kh;
-  cp[kTest] += test_macs;
-  cp[kRemainder] += (outputs - pruned) * (big_k - kh);
-  cp[kComputed] += outputs * big_k + test_macs;
-  cp[kNegative] += negative;
+  count_tested(counters, outputs, pruned, big_k, outputs * kh, test_macs, (outputs - pruned) * (big_k - kh),
+               outputs * big_k + test_macs, negative);
   return out;
 }
 
