@@ -215,23 +215,17 @@ def _conv_head_args(xk, wk, k: int, unit: int, stride, padding, dilation) -> tup
     return x, wt, cout_g, k, unit, kh, kw, oh, ow, [sh, sw], [dh, dw]
 
 
-def _channels_first(t, oh: int, ow: int):
-    """[B, oh*ow, C] (the kernels' channels-last layout) as a [B, C, oh, ow] view."""
-    return t.view(t.shape[0], oh, ow, t.shape[2]).permute(0, 3, 1, 2)
-
-
 def conv_term_sums(xk, wk, k: int, unit: int, test: int, stride, padding, dilation):
     """:func:`kernels._conv_term_sums` (the first ``k`` terms' sum and, for the stats test, sum
     of squares per output of a convolution site) in one C++ pass over the input, instead of one
-    small convolution per term; the results are channels-last views. None where it does not
-    cover the call: the ``"reference"`` setting, the extension not built, tensors other than
-    float32 on the CPU, a padding given by name."""
+    small convolution per term. None where it does not cover the call: the ``"reference"``
+    setting, the extension not built, tensors other than float32 on the CPU, a padding given
+    by name."""
     if not _covers_conv(xk, wk, padding):
         return None
     args = _conv_head_args(xk, wk, k, unit, stride, padding, dilation)
     s1, s2 = module().conv_term_sums(*args, test == 0)
-    oh, ow = args[7], args[8]
-    return _channels_first(s1, oh, ow), (_channels_first(s2, oh, ow) if test == 0 else None)
+    return s1, (s2 if test == 0 else None)
 
 
 def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int, unit: int, k: int, test: int,

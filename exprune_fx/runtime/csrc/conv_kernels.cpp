@@ -11,16 +11,32 @@ namespace {
 // 16 float lanes (GCC/Clang vector extension: one AVX-512 register, two AVX2 ones, ...).
 constexpr int64_t kLanes = 16;
 typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+// The same lanes at any float's address (loads and stores through it need no alignment).
+typedef float LanesAt __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+// A lane-wise comparison's result: -1 where true, 0 where false.
+typedef int32_t Cut __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-// A convolution site's single-stage test on its first k of n terms (kernels._decide_negative):
-// scale a and critical value (one, or one per channel: crit_stride 0 or 1) per output channel,
-// the offset c [B, C, oh, ow] with any strides (null: none).
+inline Lanes load(const float* p) { return *reinterpret_cast<const LanesAt*>(p); }
+
+// Square roots of non-negative lanes (one instruction where the CPU has AVX-512; a plain
+// sqrtf loop is not vectorized, as sqrtf may set errno).
+inline Lanes sqrt_lanes(Lanes v) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<Lanes>(_mm512_sqrt_ps(reinterpret_cast<__m512>(v)));
+#else
+  for (int64_t l = 0; l < kLanes; ++l) v[l] = std::sqrt(v[l]);
+  return v;
+#endif
+}
+
+// A convolution site's single-stage test on its first k of n terms (kernels._decide_negative),
+// per output channel its scale a and critical value, both padded per group as the transposed
+// weight is (`padded` channels a group), and the offset c [B, C, oh, ow] with any strides (null:
+// none).
 struct ConvTest {
-  const float* a;
+  std::vector<float> a, crit;
   const float* c;
   int64_t cs[4];
-  const float* crit;
-  int64_t crit_stride;
   bool stats;
   float inv_k, inv_n, fpc;
 };
@@ -34,7 +50,7 @@ struct ConvTest {
 // weight for those channels, transposed so that its output channels are contiguous and
 // zero-padded to Cp, a multiple of 2 * kLanes (`width` = unit * kh * kw values per term, in
 // (channel, dy, dx) order, as conv weights are laid out); `chans` the true output channels per
-// group. Returns s1, s2 [B, oh * ow, G * chans] (s2 empty unless `squares`): channels last.
+// group. Returns s1, s2 [B, G * chans, oh, ow] (s2 empty unless `squares`).
 // With a `decision` (a site's single-stage test: ReLU sites, kernels._decide_negative), s2 is
 // not written: the third result is the pruned mask (uint8, the same layout) and the fourth one
 // flag per output channel, set where any output of the channel survives.
@@ -57,9 +73,9 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
               "conv_term_sums: shapes do not match");
   const int64_t len = oh * ow, wide = groups * chans;
   const bool decide = decision.has_value();
-  at::Tensor s1 = at::empty({batch, len, wide}, x.options());
+  at::Tensor s1 = at::empty({batch, wide, oh, ow}, x.options());
   at::Tensor s2 = squares && !decide ? at::empty_like(s1) : at::Tensor();
-  at::Tensor pruned = decide ? at::empty({batch, len, wide}, x.options().dtype(at::kByte)) : at::Tensor();
+  at::Tensor pruned = decide ? at::empty({batch, wide, oh, ow}, x.options().dtype(at::kByte)) : at::Tensor();
   at::Tensor alive = decide ? at::zeros({wide}, x.options().dtype(at::kByte)) : at::Tensor();
   uint8_t* mp = decide ? pruned.data_ptr<uint8_t>() : nullptr;
   uint8_t* lp = decide ? alive.data_ptr<uint8_t>() : nullptr;
@@ -67,31 +83,63 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
   for (int64_t j = 0; j < span; ++j) {
     offset[j] = j / (kh * kw) * hp * wp + j / kw % kh * dilation[0] * wp + j % kw * dilation[1];
   }
-  const float* xp = x.data_ptr<float>();
-  const float* wtp = weight.data_ptr<float>();
-  float* s1p = s1.data_ptr<float>();
-  float* s2p = s2.defined() ? s2.data_ptr<float>() : nullptr;
-  const int64_t blocks = padded / (O * kLanes), spots = (len + P - 1) / P;
-  const int64_t tasks = batch * groups * blocks * spots;
-  at::parallel_for(0, tasks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, span)), [&](int64_t t0, int64_t t1) {
+  // Everything a task reads, copied into one local struct per thread below: the mask's byte
+  // stores may alias any memory, so values read through the lambda's captures would be
+  // reloaded after each of them.
+  struct Job {
+    const int64_t* off;
+    const float *x, *w, *a, *crit, *c;
+    float *s1, *s2;
+    uint8_t *mask, *alive;
+    int64_t cs[4], terms, unit, hp, wp, ow, len, wide, chans, padded, span, width, groups, blocks, spots, sy, sx;
+    bool stats;
+    float inv_k, inv_n, fpc;
+  };
+  Job job{offset.data(),
+          x.data_ptr<float>(),
+          weight.data_ptr<float>(),
+          decide ? decision->a.data() : nullptr,
+          decide ? decision->crit.data() : nullptr,
+          decide ? decision->c : nullptr,
+          s1.data_ptr<float>(),
+          s2.defined() ? s2.data_ptr<float>() : nullptr,
+          mp,
+          lp,
+          {0, 0, 0, 0},
+          terms, unit, hp, wp, ow, len, wide, chans, padded, span, width, groups,
+          padded / (O * kLanes), (len + P - 1) / P, stride[0], stride[1],
+          decide && decision->stats,
+          decide ? decision->inv_k : 0.0f,
+          decide ? decision->inv_n : 0.0f,
+          decide ? decision->fpc : 0.0f};
+  if (decide) std::copy(decision->cs, decision->cs + 4, job.cs);
+  const int64_t tasks = batch * groups * job.blocks * job.spots;
+  at::parallel_for(0, tasks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, span)), [&job](int64_t t0, int64_t t1) {
+    const Job J = job;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t spot = task % spots, block = task / spots % blocks, g = task / (spots * blocks) % groups;
-      const int64_t b = task / (spots * blocks * groups);
-      const float* xg = xp + (b * groups + g) * terms * unit * hp * wp;
-      const float* wg = wtp + g * span * padded + block * O * kLanes;
+      const int64_t spot = task % J.spots, block = task / J.spots % J.blocks;
+      const int64_t g = task / (J.spots * J.blocks) % J.groups, b = task / (J.spots * J.blocks * J.groups);
+      const float* xg = J.x + (b * J.groups + g) * J.terms * J.unit * J.hp * J.wp;
+      const float* wg = J.w + g * J.span * J.padded + block * O * kLanes;
       int64_t corner[P];
-      const int64_t p0 = spot * P, np = std::min<int64_t>(P, len - p0);
+      const int64_t p0 = spot * P, np = std::min<int64_t>(P, J.len - p0);
       for (int q = 0; q < P; ++q) {
         const int64_t pos = p0 + std::min<int64_t>(q, np - 1);  // past the end: repeat the last, not stored
-        corner[q] = pos / ow * stride[0] * wp + pos % ow * stride[1];
+        corner[q] = pos / J.ow * J.sy * J.wp + pos % J.ow * J.sx;
       }
+      // registers only: no address of a1, a2, t or w is taken (that keeps them out of memory)
       Lanes a1[P][O] = {}, a2[P][O] = {};
-      for (int64_t i = 0; i < terms; ++i) {
+      for (int64_t i = 0; i < J.terms; ++i) {
         Lanes t[P][O] = {};
-        for (int64_t j = i * width; j < (i + 1) * width; ++j) {
+        for (int64_t j = i * J.width; j < (i + 1) * J.width; ++j) {
           Lanes w[O];
-          std::memcpy(w, wg + j * padded, sizeof(w));
-          const float* xj = xg + offset[j];
+          for (int o = 0; o < O; ++o) {
+            w[o] = load(wg + j * J.padded + o * kLanes);
+#if defined(__x86_64__)
+            asm("" : "+v"(w[o]));  // one load per weight vector, not one per multiply-add
+#endif
+          }
+          const float* xj = xg + J.off[j];
           for (int q = 0; q < P; ++q) {
             const float v = xj[corner[q]];
             for (int o = 0; o < O; ++o) t[q][o] += v * w[o];
@@ -101,29 +149,62 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
           for (int o = 0; o < O; ++o) a1[q][o] += t[q][o], a2[q][o] += t[q][o] * t[q][o];
         }
       }
-      for (int q = 0; q < np; ++q) {
-        for (int o = 0; o < O; ++o) {
-          const int64_t c0 = (block * O + o) * kLanes, n = std::min<int64_t>(kLanes, chans - c0);
-          if (n <= 0) continue;
-          const int64_t at_out = (b * len + p0 + q) * wide + g * chans + c0;
-          std::memcpy(s1p + at_out, &a1[q][o], n * sizeof(float));
-          if (s2p) std::memcpy(s2p + at_out, &a2[q][o], n * sizeof(float));
-          if (decide) {
-            const ConvTest& d = *decision;
-            const int64_t pos = p0 + q, y = pos / ow, xx = pos % ow;
-            for (int64_t l = 0; l < n; ++l) {
-              const int64_t ch = g * chans + c0 + l;
-              const float a = d.a[ch], s = a1[q][o][l];
-              const float c = d.c ? d.c[b * d.cs[0] + ch * d.cs[1] + y * d.cs[2] + xx * d.cs[3]] : 0.0f;
-              const float mean = a * s * d.inv_k + c * d.inv_n;
-              const float bound = d.stats ? d.crit[ch * d.crit_stride] *
-                                                std::sqrt(a * a * std::max(a2[q][o][l] - s * s * d.inv_k, 0.0f) * d.fpc)
-                                          : d.crit[ch * d.crit_stride];
-              const bool cut = mean < bound;
-              mp[at_out + l] = cut;
-              if (!cut && !__atomic_load_n(lp + ch, __ATOMIC_RELAXED)) __atomic_store_n(lp + ch, 1, __ATOMIC_RELAXED);
+      // Channels first: each channel's np positions are consecutive (scattered over kLanes
+      // rows; a task's multiply-adds far outnumber these stores).
+      for (int o = 0; o < O; ++o) {
+        const int64_t c0 = (block * O + o) * kLanes, n = std::min<int64_t>(kLanes, J.chans - c0);
+        if (n <= 0) continue;
+        const int64_t at_out = (b * J.wide + g * J.chans + c0) * J.len + p0;  // lane l: + l * len
+        Cut cut[P] = {};  // -1 where pruned
+        if (J.mask) {
+          const Lanes a = load(J.a + g * J.padded + c0), crit = load(J.crit + g * J.padded + c0);
+          for (int q = 0; q < np; ++q) {
+            const Lanes s = a1[q][o];
+            Lanes c = {};
+            if (J.c) {
+              const int64_t pos = p0 + q, at_c = b * J.cs[0] + pos / J.ow * J.cs[2] + pos % J.ow * J.cs[3];
+              for (int64_t l = 0; l < n; ++l) c[l] = J.c[at_c + (g * J.chans + c0 + l) * J.cs[1]];
             }
+            const Lanes mean = a * s * J.inv_k + c * J.inv_n;
+            Lanes bound = crit;
+            if (J.stats) {
+              Lanes var = a2[q][o] - s * s * J.inv_k;
+              var = a * a * (var > 0.0f ? var : 0.0f) * J.fpc;
+              bound *= sqrt_lanes(var);
+            }
+            cut[q] = mean < bound;
           }
+        }
+        // lane by lane through buffers (the 4 x 16 transpose); whole tasks with fixed counts
+        float v1[P][kLanes], v2[P][kLanes];
+        int32_t vm[P][kLanes];
+        for (int q = 0; q < P; ++q) {
+          std::memcpy(v1[q], &a1[q][o], sizeof(v1[q]));
+          std::memcpy(v2[q], &a2[q][o], sizeof(v2[q]));
+          std::memcpy(vm[q], &cut[q], sizeof(vm[q]));
+        }
+        const bool whole = np == P;
+        for (int64_t l = 0; l < n; ++l) {
+          float* s1r = J.s1 + at_out + l * J.len;
+          int32_t alive = 0;
+          if (whole) {
+            for (int q = 0; q < P; ++q) s1r[q] = v1[q][l];
+          } else {
+            for (int q = 0; q < np; ++q) s1r[q] = v1[q][l];
+          }
+          if (J.s2) {
+            for (int q = 0; q < np; ++q) J.s2[at_out + l * J.len + q] = v2[q][l];
+          }
+          if (!J.mask) continue;
+          uint8_t* mr = J.mask + at_out + l * J.len;
+          if (whole) {
+            for (int q = 0; q < P; ++q) mr[q] = vm[q][l] & 1, alive |= ~vm[q][l] & 1;
+          } else {
+            for (int q = 0; q < np; ++q) mr[q] = vm[q][l] & 1, alive |= ~vm[q][l] & 1;
+          }
+          if (!alive) continue;
+          uint8_t* flag = J.alive + g * J.chans + c0 + l;
+          if (!__atomic_load_n(flag, __ATOMIC_RELAXED)) __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
         }
       }
     }
@@ -145,7 +226,7 @@ const float* offset_4d(const c10::optional<at::Tensor>& c, int64_t* strides) {
 }  // namespace
 
 // A convolution site's head with its single-stage test (conv_term_sums with a decision):
-// returns s1 [B, oh*ow, G*C], the pruned mask (uint8, the same layout) and one flag per output
+// returns s1 [B, G*C, oh, ow], the pruned mask (uint8, the same layout) and one flag per output
 // channel, set where any of its outputs survives. `a` [G*C], `critical` one value or [G*C],
 // `offset` None or [B, G*C, oh, ow] with any strides, `n` the site's terms.
 std::vector<at::Tensor> conv_head(const at::Tensor& x, const at::Tensor& weight, int64_t chans, int64_t terms,
@@ -157,12 +238,19 @@ std::vector<at::Tensor> conv_head(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat && scale.numel() == wide,
               "conv_head: scale, one float32 per output channel");
   TORCH_CHECK(terms >= 2 && terms < n, "conv_head: 2 <= k < n terms");
-  ConvTest d{};
-  d.a = scale.data_ptr<float>();
-  d.c = offset_4d(offset, d.cs);
+  const int64_t groups = weight.size(0), padded = weight.size(2);
   const Critical crit(critical, wide);
-  d.crit = crit.p;
-  d.crit_stride = crit.stride;
+  ConvTest d{};
+  d.a.assign(groups * padded, 0.0f);
+  d.crit.assign(groups * padded, 0.0f);
+  const float* ap = scale.data_ptr<float>();
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t ch = 0; ch < chans && ch < padded; ++ch) {
+      d.a[g * padded + ch] = ap[g * chans + ch];
+      d.crit[g * padded + ch] = crit[g * chans + ch];
+    }
+  }
+  d.c = offset_4d(offset, d.cs);
   d.stats = test == 0;
   d.inv_k = 1.0f / terms;
   d.inv_n = 1.0f / n;
@@ -175,14 +263,16 @@ std::vector<at::Tensor> conv_head(const at::Tensor& x, const at::Tensor& weight,
 // `slot` None (z has every channel) or z's channel per output channel (-1: not computed, all
 // its outputs are pruned). Counts the call as kernels._count_relu does for one stage
 // (`term_macs` MACs a term, `big_k` an output's MACs, `computed` the MACs of the head and
-// remainder convolutions; `test` 0 = stats). Returns [B, C, oh, ow].
+// remainder convolutions; `test` 0 = stats). Returns [B, C, oh, ow]: z itself, overwritten, when
+// it has every channel.
 at::Tensor conv_finish(const c10::optional<at::Tensor>& z, const at::Tensor& s1, const at::Tensor& pruned,
                        const c10::optional<at::Tensor>& slot, const at::Tensor& scale,
                        const c10::optional<at::Tensor>& offset, at::Tensor counters, int64_t oh, int64_t ow,
                        int64_t terms, int64_t term_macs, int64_t big_k, int64_t test, double computed) {
-  const int64_t batch = s1.size(0), len = s1.size(1), wide = s1.size(2);
-  TORCH_CHECK(s1.is_contiguous() && pruned.is_contiguous() && len == oh * ow && pruned.sizes() == s1.sizes(),
-              "conv_finish: s1 and pruned [B, oh*ow, C]");
+  const int64_t batch = s1.size(0), wide = s1.size(1), len = s1.size(2) * s1.size(3);
+  TORCH_CHECK(s1.is_contiguous() && pruned.is_contiguous() && s1.dim() == 4 && len == oh * ow &&
+                  pruned.sizes() == s1.sizes(),
+              "conv_finish: s1 and pruned [B, C, oh, ow]");
   const bool has_z = z.has_value() && z->defined();
   TORCH_CHECK(!has_z || (z->is_contiguous() && z->scalar_type() == at::kFloat && z->size(0) == batch &&
                          z->size(2) * z->size(3) == len),
@@ -192,7 +282,9 @@ at::Tensor conv_finish(const c10::optional<at::Tensor>& z, const at::Tensor& s1,
   TORCH_CHECK(sp || !has_z || cz == wide, "conv_finish: z must have every channel without a slot map");
   int64_t cs[4] = {0, 0, 0, 0};
   const float* cp = offset_4d(offset, cs);
-  at::Tensor out = at::empty({batch, wide, oh, ow}, s1.options());
+  // z with every channel is this call's own temporary: the output overwrites it (one fresh
+  // buffer less, and fresh buffers cost page faults)
+  at::Tensor out = has_z && !sp ? *z : at::empty({batch, wide, oh, ow}, s1.options());
   const float* s1p = s1.data_ptr<float>();
   const uint8_t* mp = pruned.data_ptr<uint8_t>();
   const float* zp = has_z ? z->data_ptr<float>() : nullptr;
@@ -202,24 +294,35 @@ at::Tensor conv_finish(const c10::optional<at::Tensor>& z, const at::Tensor& s1,
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, len));
   at::parallel_for(0, batch * wide, grain, [&](int64_t t0, int64_t t1) {
     int64_t cut = 0, neg = 0;
+    std::vector<float> zeros, offsets(len);
     for (int64_t plane = t0; plane < t1; ++plane) {
       const int64_t b = plane / wide, ch = plane % wide;
       const int64_t zc = sp ? sp[ch] : ch;
       const float* zr = zp && zc >= 0 ? zp + (b * cz + zc) * len : nullptr;
-      const float a = ap[ch];
-      float* orow = op + plane * len;
-      for (int64_t p = 0; p < len; ++p) {
-        const int64_t at_in = (b * len + p) * wide + ch;
-        if (mp[at_in]) {
-          orow[p] = 0.0f;
-          ++cut;
-          continue;
+      if (!zr) zeros.resize(len, 0.0f), zr = zeros.data();
+      // the offset at each position (a value per plane, per channel or none, is repeated)
+      if (cp && (cs[2] || cs[3])) {
+        for (int64_t y = 0, p = 0; y < oh; ++y) {
+          for (int64_t xx = 0; xx < ow; ++xx, ++p) offsets[p] = cp[b * cs[0] + ch * cs[1] + y * cs[2] + xx * cs[3]];
         }
-        const float c = cp ? cp[b * cs[0] + ch * cs[1] + p / ow * cs[2] + p % ow * cs[3]] : 0.0f;
-        const float v = a * (s1p[at_in] + (zr ? zr[p] : 0.0f)) + c;
-        orow[p] = v;
-        neg += v < 0;
+      } else {
+        std::fill(offsets.begin(), offsets.end(), cp ? cp[b * cs[0] + ch * cs[1]] : 0.0f);
       }
+      const float a = ap[ch];
+      const float* sr = s1p + plane * len;
+      const float* cr = offsets.data();
+      const uint8_t* mr = mp + plane * len;
+      float* orow = op + plane * len;
+      int32_t cut_here = 0, neg_here = 0;
+      for (int64_t p = 0; p < len; ++p) {  // a select, no branch: the mask has no predictable order
+        const int32_t m = mr[p];
+        const float v = a * (sr[p] + zr[p]) + cr[p];
+        orow[p] = m ? 0.0f : v;
+        cut_here += m;
+        neg_here += (m == 0) & (v < 0.0f);
+      }
+      cut += cut_here;
+      neg += neg_here;
     }
     n_pruned += cut;
     negative += neg;
