@@ -120,11 +120,13 @@ def _build():
     # -march=native: the build is per machine; the CPU's flags are in the name so that a shared
     # cache never hands one machine's build to another.
     flags = _cpu_flags()
-    tag = hashlib.sha1((source + torch.__version__ + platform.machine() + flags).encode()).hexdigest()[:12]
-    return cpp_extension.load_inline(f"exprune_fast_{tag}", cpp_sources=[source], verbose=False,
-                                     # -fopenmp: at::parallel_for is inline OpenMP code; the extension shares
-                                     # torch's libgomp.so.1 (already loaded), so there is one thread pool.
-                                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    # -fopenmp: at::parallel_for is inline OpenMP code; the extension shares torch's
+    # libgomp.so.1 (already loaded), so there is one thread pool. -fno-math-errno: no kernel
+    # reads errno, and without it a loop of square roots does not vectorize.
+    cflags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+    tag = hashlib.sha1((source + torch.__version__ + platform.machine() + flags + " ".join(cflags)).encode())
+    return cpp_extension.load_inline(f"exprune_fast_{tag.hexdigest()[:12]}", cpp_sources=[source], verbose=False,
+                                     extra_cflags=cflags, extra_ldflags=["-fopenmp"])
 
 
 def _cpu_flags() -> str:

@@ -268,10 +268,13 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+constexpr int64_t kSmallHead = 32;
+
 // The same site for many rows, where BLAS pays: the first k terms (and, for the stats test,
-// their squares) and the remainder are three matrix products over all outputs, then one fused
-// pass tests, applies the epilogue, zeroes the pruned outputs and counts. Single stage; the
-// stats test needs unit == 1 (its squares are per term).
+// their squares) and the remainder are three matrix products over all outputs (a short head:
+// the remainder's product only, the head summed in the pass), then one fused pass tests,
+// applies the epilogue, zeroes the pruned outputs and counts. Single stage; the stats test
+// needs unit == 1 (its squares are per term).
 at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                              const at::Tensor& offset, int64_t unit, int64_t k, int64_t test,
                              const at::Tensor& critical, at::Tensor counters) {
@@ -279,41 +282,66 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   const bool stats = test == 0;
   const at::Tensor head = weight.narrow(1, 0, kh), rest = weight.narrow(1, kh, big_k - kh);
   const at::Tensor xh = x.narrow(1, 0, kh);
-  const at::Tensor s1 = at::mm(xh, head.t());
-  const at::Tensor s2 = stats ? at::mm(xh.square(), head.square().t()) : at::Tensor();
+  // A short head (kSmallHead columns or fewer) is summed in the pass below, from its transposed
+  // copy: two more products on so few columns cost more than the whole pass.
+  const bool inline_head = kh <= kSmallHead;
+  const at::Tensor head_t = inline_head ? head.t().contiguous() : at::Tensor();
+  const at::Tensor s1 = inline_head ? at::Tensor() : at::mm(xh, head.t());
+  const at::Tensor s2 = stats && !inline_head ? at::mm(xh.square(), head.square().t()) : at::Tensor();
   at::Tensor out = at::mm(x.narrow(1, kh, big_k - kh), rest.t());  // the remainder, then z in place
-  const float* p1 = s1.data_ptr<float>();
-  const float* p2 = stats ? s2.data_ptr<float>() : nullptr;
+  const float* p1 = inline_head ? nullptr : s1.data_ptr<float>();
+  const float* p2 = s2.defined() ? s2.data_ptr<float>() : nullptr;
+  const float* hp = inline_head ? head_t.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
   const float* ap = scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const Offset c = offset_view(offset);
   const Critical crit(critical, n_out);
+  std::vector<float> crits(n_out);  // one per output, so that the pass below is one plain loop
+  for (int64_t j = 0; j < n_out; ++j) crits[j] = crit[j];
+  const float* cp = crits.data();
   const float inv = 1.0f / k, inv_n = 1.0f / n;
   const float fpc = static_cast<float>(n - k) / (static_cast<float>(n - 1) * k * (k - 1));
   std::vector<Tally> tallies(m);
   at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_out)), [&](int64_t i0, int64_t i1) {
+    std::vector<float> row_c(n_out), sums1(inline_head ? n_out : 0), sums2(inline_head ? n_out : 0);
     for (int64_t i = i0; i < i1; ++i) {
-      Tally t;
-      for (int64_t j = 0; j < n_out; ++j) {
-        const int64_t q = i * n_out + j;
-        const float a = ap[j], cij = c.at(i, j), a1 = p1[q];
-        const float mean = a * a1 * inv + cij * inv_n;
-        bool pruned;
-        if (stats) {
-          pruned = mean < crit[j] * std::sqrt(a * a * std::max(p2[q] - a1 * a1 * inv, 0.0f) * fpc);
-        } else {
-          pruned = mean < crit[j];
-        }
-        if (pruned) {
-          t.pruned += 1;
-          op[q] = 0.0f;
-        } else {
-          const float z = a * (a1 + op[q]) + cij;
-          op[q] = z;
-          t.negative += z < 0;
+      for (int64_t j = 0; j < n_out; ++j) row_c[j] = c.at(i, j);
+      const float* cr = row_c.data();
+      const float* r1 = inline_head ? sums1.data() : p1 + i * n_out;
+      const float* r2 = inline_head ? sums2.data() : stats ? p2 + i * n_out : r1;  // (threshold test: not read)
+      if (inline_head) {  // the head's sums for every output of row i; zero inputs add nothing
+        std::fill(sums1.begin(), sums1.end(), 0.0f);
+        std::fill(sums2.begin(), sums2.end(), 0.0f);
+        for (int64_t t = 0; t < kh; ++t) {
+          const float xv = xp[i * ldx + t];
+          if (xv == 0.0f) continue;
+          const float* ht = hp + t * n_out;
+          for (int64_t j = 0; j < n_out; ++j) {
+            const float v = xv * ht[j];
+            sums1[j] += v;
+            sums2[j] += v * v;
+          }
         }
       }
-      tallies[i] = t;
+      float* orow = op + i * n_out;
+      int32_t cut = 0, neg = 0;
+      // a select, no branch: whether an output is pruned follows no predictable order
+      // (the square roots vectorize: the build sets -fno-math-errno)
+      for (int64_t j = 0; j < n_out; ++j) {
+        const float a = ap[j], a1 = r1[j];
+        const float mean = a * a1 * inv + cr[j] * inv_n;
+        const float var = r2[j] - a1 * a1 * inv;
+        const float bound = stats ? cp[j] * std::sqrt(a * a * (var > 0.0f ? var : 0.0f) * fpc) : cp[j];
+        const int32_t pruned = mean < bound;
+        const float z = a * (a1 + orow[j]) + cr[j];
+        orow[j] = pruned ? 0.0f : z;
+        cut += pruned;
+        neg += (pruned == 0) & (z < 0.0f);
+      }
+      tallies[i].pruned = cut;
+      tallies[i].negative = neg;
     }
   });
   double pruned = 0, negative = 0;
