@@ -181,7 +181,7 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
     a batch-1 call can save. None where no fast kernel covers the call: the ``"reference"``
     setting (unless ``kernel`` is given), the extension not built, tensors other than float32
     on the CPU, a weight whose columns are not contiguous, or the BLAS kernel with several
-    stages or the stats test on multi-element terms. The caller then runs the reference kernel."""
+    stages. The caller then runs the reference kernel."""
     setting = current()
     if kernel is None and setting == "reference" or x.device.type != "cpu":  # (no build for a CUDA run)
         return None

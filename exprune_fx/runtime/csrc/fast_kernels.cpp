@@ -273,8 +273,8 @@ constexpr int64_t kSmallHead = 32;
 // The same site for many rows, where BLAS pays: the first k terms (and, for the stats test,
 // their squares) and the remainder are three matrix products over all outputs (a short head:
 // the remainder's product only, the head summed in the pass), then one fused pass tests,
-// applies the epilogue, zeroes the pruned outputs and counts. Single stage; the stats test
-// needs unit == 1 (its squares are per term).
+// applies the epilogue, zeroes the pruned outputs and counts. Single stage. The stats test on
+// terms of several columns (unit > 1) sums each term on its own, in one batched product.
 at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                              const at::Tensor& offset, int64_t unit, int64_t k, int64_t test,
                              const at::Tensor& critical, at::Tensor counters) {
@@ -284,10 +284,18 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor xh = x.narrow(1, 0, kh);
   // A short head (kSmallHead columns or fewer) is summed in the pass below, from its transposed
   // copy: two more products on so few columns cost more than the whole pass.
-  const bool inline_head = kh <= kSmallHead;
+  const bool inline_head = kh <= kSmallHead && unit == 1;
   const at::Tensor head_t = inline_head ? head.t().contiguous() : at::Tensor();
-  const at::Tensor s1 = inline_head ? at::Tensor() : at::mm(xh, head.t());
-  const at::Tensor s2 = stats && !inline_head ? at::mm(xh.square(), head.square().t()) : at::Tensor();
+  at::Tensor s1, s2;
+  if (stats && unit > 1 && !inline_head) {
+    // each term's sum on its own (unit columns): one batched product [k, M, N], then the sums
+    const at::Tensor parts = at::bmm(xh.reshape({m, k, unit}).transpose(0, 1), head.reshape({n_out, k, unit}).permute({1, 2, 0}));
+    s1 = parts.sum(0);
+    s2 = parts.square().sum(0);
+  } else if (!inline_head) {
+    s1 = at::mm(xh, head.t());
+    if (stats) s2 = at::mm(xh.square(), head.square().t());
+  }
   at::Tensor out = at::mm(x.narrow(1, kh, big_k - kh), rest.t());  // the remainder, then z in place
   const float* p1 = inline_head ? nullptr : s1.data_ptr<float>();
   const float* p2 = s2.defined() ? s2.data_ptr<float>() : nullptr;
@@ -473,8 +481,7 @@ int64_t choose(int64_t rows, double k_share, const at::Tensor& counters, int64_t
 // broadcastable to [..., N]) on the fast kernels, everything a call needs in one C++ call:
 // the checks, the flattening, the cost model (`kernel` < 0) or a forced kernel, the kernel.
 // None where no fast kernel covers the call (not float32 CPU, columns not contiguous, the BLAS
-// kernel asked for several stages or the stats test on multi-element terms): the caller runs
-// the reference kernel.
+// kernel asked for several stages): the caller runs the reference kernel.
 c10::optional<at::Tensor> linear_site(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                       const c10::optional<at::Tensor>& offset, int64_t unit, int64_t k, int64_t test,
                                       const at::Tensor& critical, at::Tensor counters, int64_t stages, int64_t setting,
@@ -493,7 +500,7 @@ c10::optional<at::Tensor> linear_site(const at::Tensor& x, const at::Tensor& wei
     kernel = choose(m, static_cast<double>(k * unit) / big_k, counters, big_k, setting, row_budget, dense_budget,
                     output_cost, min_terms);
   }
-  if (kernel == kBlas && (ks.size() > 1 || (unit != 1 && test == 0))) return c10::nullopt;
+  if (kernel == kBlas && ks.size() > 1) return c10::nullopt;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(n_out);
   const at::Tensor c = offset.has_value() ? offset->to(at::kFloat).expand(shape).reshape({m, n_out}) : at::Tensor();
