@@ -17,7 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include <immintrin.h>  // conv_kernels.cpp's sqrt_lanes
 #endif
 
 #include <algorithm>
@@ -268,6 +268,7 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// The longest head (in columns) that relu_linear_dense sums in its pass rather than by products.
 constexpr int64_t kSmallHead = 32;
 
 // The same site for many rows, where BLAS pays: the first k terms (and, for the stats test,
@@ -289,7 +290,8 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   at::Tensor s1, s2;
   if (stats && unit > 1 && !inline_head) {
     // each term's sum on its own (unit columns): one batched product [k, M, N], then the sums
-    const at::Tensor parts = at::bmm(xh.reshape({m, k, unit}).transpose(0, 1), head.reshape({n_out, k, unit}).permute({1, 2, 0}));
+    const at::Tensor parts =
+        at::bmm(xh.reshape({m, k, unit}).transpose(0, 1), head.reshape({n_out, k, unit}).permute({1, 2, 0}));
     s1 = parts.sum(0);
     s2 = parts.square().sum(0);
   } else if (!inline_head) {
