@@ -102,6 +102,22 @@ def test_fast_relu_conv2d_on_float_data():
     assert cf == cr and 0 < cf["remainder"] < cf["dense"] - cf["partial"]
 
 
+@pytest.mark.parametrize("survive", ["all", "some"])
+def test_fast_relu_conv2d_takes_a_channels_last_input(survive):
+    """A channels-last input (its remainder convolution comes out channels-last too): the same
+    result as the contiguous input, through both remainder branches."""
+    torch.manual_seed(1)
+    x, w = torch.randn(2, 32, 9, 9), torch.randn(32, 32, 3, 3)
+    scale, offset = torch.rand(32) + 0.5, torch.randn(32, 1, 1)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    critical = NEVER if survive == "all" else torch.where(torch.arange(32) % 3 == 0, NEVER, ALWAYS)
+    zc, cc = _run("auto", x, w, scale, offset, conv, 1, 8, kernels.THRESHOLD, critical)
+    zl, cl = _run("auto", x.contiguous(memory_format=torch.channels_last), w, scale, offset, conv, 1, 8,
+                  kernels.THRESHOLD, critical)
+    torch.testing.assert_close(zl, zc, rtol=1e-4, atol=1e-4)  # (oneDNN sums a channels-last input in another order)
+    assert cl == cc
+
+
 def test_conv_term_sums_equal_the_reference_term_by_term():
     """The C++ head sums (also used by several-stage calls) equal the reference's, strided and
     grouped."""

@@ -260,10 +260,11 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     if chans.numel() and (g > 1 or chans.numel() == cout):
         x_rest = xg[:, :, kc:].reshape(b, g * (cin_g - kc), h, w)
         z = torch.nn.functional.conv2d(x_rest, wg[:, :, kc:].reshape(cout, cin_g - kc, kh, kw), None, stride,
-                                       padding, dilation, g)
+                                       padding, dilation, g).contiguous()  # (channels-last in: channels-last out)
         rest = cout * (cin_g - kc) * per_map
     elif chans.numel():
-        z = torch.nn.functional.conv2d(x[:, kc:], weight[chans, kc:], None, stride, padding, dilation, 1)
+        z = torch.nn.functional.conv2d(x[:, kc:], weight[chans, kc:], None, stride, padding, dilation,
+                                       1).contiguous()
         slot = torch.full((cout,), -1, dtype=torch.int64)
         slot[chans] = torch.arange(chans.numel())
         rest = chans.numel() * (cin_g - kc) * per_map
