@@ -279,6 +279,8 @@ constexpr int64_t kSmallHead = 32;
 at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                              const at::Tensor& offset, int64_t unit, int64_t k, int64_t test,
                              const at::Tensor& critical, at::Tensor counters) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
+              "relu_linear_dense: x [M, K] float32 with contiguous rows");
   const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0), kh = k * unit, n = big_k / unit;
   const bool stats = test == 0;
   const at::Tensor head = weight.narrow(1, 0, kh), rest = weight.narrow(1, kh, big_k - kh);
