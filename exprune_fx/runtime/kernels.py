@@ -250,9 +250,7 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     same decisions and counters, its head and epilogue in C++) unless thresholds are being
     recorded."""
     if fast.current() == "fastest":  # no convolution kernel beats the dense one on CPU (docs/benchmarks.md)
-        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        terms = weight.shape[1] * weight.shape[2] * weight.shape[3]  # MACs per output
-        return _dense_call(z, scale, offset, stats, terms, count_negative=True)
+        return dense_conv2d(x, weight, scale, offset, stride, padding, dilation, groups, stats)
     if not observe.active():  # one stage on the fast kernels: two C++ passes around the remainder convolution
         out = fast.relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups, unit, k, test, critical,
                                stats, stages)
@@ -310,6 +308,15 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     if observe.active() and len(ks) == 1:
         observe.add(stats, _term_mean(s1, a, c, k, n), out, 1)
     return out
+
+
+def dense_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int, stats, traced: bool = False):
+    """A convolution site run dense: the convolution, the folded epilogue and the counters of
+    a call that prunes nothing (:func:`_dense_call`; ``traced``: :func:`dense_epilogue`, the
+    torch ops inductor compiles)."""
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    terms = weight.shape[1] * weight.shape[2] * weight.shape[3]  # MACs per output
+    return (dense_epilogue if traced else _dense_call)(z, scale, offset, stats, terms, count_negative=True)
 
 
 def _dense_call(z: torch.Tensor, scale: torch.Tensor, offset, stats, terms: int, count_negative: bool,

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fast, ops  # noqa: F401 (ops: registers torch.ops.exprune)
-from .kernels import dense_epilogue
+from .kernels import dense_conv2d, dense_epilogue
 
 _ops = torch.ops.exprune
 
@@ -65,9 +65,7 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
                 critical, stats, stages: int = 1):
     """``exprune::relu_conv2d``: dense under ``"fastest"``."""
     if fast.current() == "fastest":
-        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        terms = weight.shape[1] * weight.shape[2] * weight.shape[3]  # MACs per output
-        return dense_epilogue(z, scale, offset, stats, terms, count_negative=True)
+        return dense_conv2d(x, weight, scale, offset, stride, padding, dilation, groups, stats, traced=True)
     return _ops.relu_conv2d.default(x, weight, scale, offset, stride, padding, dilation, groups, unit, k, test,
                                     critical, stats, stages)
 

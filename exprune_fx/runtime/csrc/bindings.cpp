@@ -12,7 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       [](const at::Tensor& x, const at::Tensor& weight, int64_t chans, int64_t terms, int64_t unit, int64_t kh,
          int64_t kw, int64_t oh, int64_t ow, std::vector<int64_t> stride, std::vector<int64_t> dilation,
          bool squares) {
-        return conv_term_sums(x, weight, chans, terms, unit, kh, kw, oh, ow, stride, dilation, squares, c10::nullopt);
+        return conv_term_sums(x, weight, chans, terms, unit, kh, kw, oh, ow, stride, dilation, squares, nullptr);
       },
       "a conv site's first terms: sum and sum of squares per output");
   module.def("conv_head", &conv_head, "a conv site's first terms and single-stage test");

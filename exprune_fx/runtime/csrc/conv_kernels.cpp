@@ -29,13 +29,12 @@ inline Lanes sqrt_lanes(Lanes v) {
 #endif
 }
 
-// A convolution site's single-stage test on its first k of n terms (kernels._decide_negative),
+// A convolution site's single-stage test on its first k of n terms (kernels._decide_negative):
 // per output channel its scale a and critical value, both padded per group as the transposed
 // weight is (`padded` channels a group), and the offset c [B, C, oh, ow] with any strides (null:
-// none).
+// none). Plain values, so that a task copies it whole (see Job below).
 struct ConvTest {
-  std::vector<float> a, crit;
-  const float* c;
+  const float *a, *crit, *c;
   int64_t cs[4];
   bool stats;
   float inv_k, inv_n, fpc;
@@ -59,7 +58,7 @@ struct ConvTest {
 std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& weight, int64_t chans, int64_t terms,
                                        int64_t unit, int64_t kh, int64_t kw, int64_t oh, int64_t ow,
                                        std::vector<int64_t> stride, std::vector<int64_t> dilation, bool squares,
-                                       const c10::optional<ConvTest>& decision) {
+                                       const ConvTest* decision) {
   constexpr int P = 4, O = 2;
   const int64_t width = unit * kh * kw, span = terms * width;
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && x.scalar_type() == at::kFloat &&
@@ -72,7 +71,7 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
                   (ow - 1) * stride[1] + (kw - 1) * dilation[1] < wp,
               "conv_term_sums: shapes do not match");
   const int64_t len = oh * ow, wide = groups * chans;
-  const bool decide = decision.has_value();
+  const bool decide = decision != nullptr;
   at::Tensor s1 = at::empty({batch, wide, oh, ow}, x.options());
   at::Tensor s2 = squares && !decide ? at::empty_like(s1) : at::Tensor();
   at::Tensor pruned = decide ? at::empty({batch, wide, oh, ow}, x.options().dtype(at::kByte)) : at::Tensor();
@@ -88,31 +87,16 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
   // reloaded after each of them.
   struct Job {
     const int64_t* off;
-    const float *x, *w, *a, *crit, *c;
+    const float *x, *w;
     float *s1, *s2;
-    uint8_t *mask, *alive;
-    int64_t cs[4], terms, unit, hp, wp, ow, len, wide, chans, padded, span, width, groups, blocks, spots, sy, sx;
-    bool stats;
-    float inv_k, inv_n, fpc;
+    uint8_t *mask, *alive;  // null: no test
+    ConvTest test;
+    int64_t terms, unit, hp, wp, ow, len, wide, chans, padded, span, width, groups, blocks, spots, sy, sx;
   };
-  Job job{offset.data(),
-          x.data_ptr<float>(),
-          weight.data_ptr<float>(),
-          decide ? decision->a.data() : nullptr,
-          decide ? decision->crit.data() : nullptr,
-          decide ? decision->c : nullptr,
-          s1.data_ptr<float>(),
-          s2.defined() ? s2.data_ptr<float>() : nullptr,
-          mp,
-          lp,
-          {0, 0, 0, 0},
-          terms, unit, hp, wp, ow, len, wide, chans, padded, span, width, groups,
-          padded / (O * kLanes), (len + P - 1) / P, stride[0], stride[1],
-          decide && decision->stats,
-          decide ? decision->inv_k : 0.0f,
-          decide ? decision->inv_n : 0.0f,
-          decide ? decision->fpc : 0.0f};
-  if (decide) std::copy(decision->cs, decision->cs + 4, job.cs);
+  const Job job{offset.data(), x.data_ptr<float>(), weight.data_ptr<float>(), s1.data_ptr<float>(),
+                s2.defined() ? s2.data_ptr<float>() : nullptr, mp, lp, decide ? *decision : ConvTest{},
+                terms, unit, hp, wp, ow, len, wide, chans, padded, span, width, groups,
+                padded / (O * kLanes), (len + P - 1) / P, stride[0], stride[1]};
   const int64_t tasks = batch * groups * job.blocks * job.spots;
   at::parallel_for(0, tasks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, span)), [&job](int64_t t0, int64_t t1) {
     const Job J = job;
@@ -157,19 +141,20 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
         const int64_t at_out = (b * J.wide + g * J.chans + c0) * J.len + p0;  // lane l: + l * len
         Cut cut[P] = {};  // -1 where pruned
         if (J.mask) {
-          const Lanes a = load(J.a + g * J.padded + c0), crit = load(J.crit + g * J.padded + c0);
+          const ConvTest& d = J.test;
+          const Lanes a = load(d.a + g * J.padded + c0), crit = load(d.crit + g * J.padded + c0);
           for (int q = 0; q < np; ++q) {
             const Lanes s = a1[q][o];
             Lanes c = {};
-            if (J.c) {
-              const int64_t pos = p0 + q, at_c = b * J.cs[0] + pos / J.ow * J.cs[2] + pos % J.ow * J.cs[3];
-              for (int64_t l = 0; l < n; ++l) c[l] = J.c[at_c + (g * J.chans + c0 + l) * J.cs[1]];
+            if (d.c) {
+              const int64_t pos = p0 + q, at_c = b * d.cs[0] + pos / J.ow * d.cs[2] + pos % J.ow * d.cs[3];
+              for (int64_t l = 0; l < n; ++l) c[l] = d.c[at_c + (g * J.chans + c0 + l) * d.cs[1]];
             }
-            const Lanes mean = a * s * J.inv_k + c * J.inv_n;
+            const Lanes mean = a * s * d.inv_k + c * d.inv_n;
             Lanes bound = crit;
-            if (J.stats) {
-              Lanes var = a2[q][o] - s * s * J.inv_k;
-              var = a * a * (var > 0.0f ? var : 0.0f) * J.fpc;
+            if (d.stats) {
+              Lanes var = a2[q][o] - s * s * d.inv_k;
+              var = a * a * (var > 0.0f ? var : 0.0f) * d.fpc;
               bound *= sqrt_lanes(var);
             }
             cut[q] = mean < bound;
@@ -240,22 +225,18 @@ std::vector<at::Tensor> conv_head(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(terms >= 2 && terms < n, "conv_head: 2 <= k < n terms");
   const int64_t groups = weight.size(0), padded = weight.size(2);
   const Critical crit(critical, wide);
-  ConvTest d{};
-  d.a.assign(groups * padded, 0.0f);
-  d.crit.assign(groups * padded, 0.0f);
+  std::vector<float> a(groups * padded, 0.0f), crits(groups * padded, 0.0f);  // padded as the weight
   const float* ap = scale.data_ptr<float>();
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t ch = 0; ch < chans && ch < padded; ++ch) {
-      d.a[g * padded + ch] = ap[g * chans + ch];
-      d.crit[g * padded + ch] = crit[g * chans + ch];
+      a[g * padded + ch] = ap[g * chans + ch];
+      crits[g * padded + ch] = crit[g * chans + ch];
     }
   }
+  ConvTest d{a.data(), crits.data(), nullptr, {0, 0, 0, 0}, test == 0, 1.0f / terms, 1.0f / n,
+             static_cast<float>(n - terms) / (static_cast<float>(n - 1) * terms * (terms - 1))};
   d.c = offset_4d(offset, d.cs);
-  d.stats = test == 0;
-  d.inv_k = 1.0f / terms;
-  d.inv_n = 1.0f / n;
-  d.fpc = static_cast<float>(n - terms) / (static_cast<float>(n - 1) * terms * (terms - 1));
-  return conv_term_sums(x, weight, chans, terms, unit, kh, kw, oh, ow, stride, dilation, d.stats, d);
+  return conv_term_sums(x, weight, chans, terms, unit, kh, kw, oh, ow, stride, dilation, d.stats, &d);
 }
 
 // A convolution site's output from its head (conv_head) and remainder z [B, Cz, oh, ow]
