@@ -230,7 +230,7 @@ def test_fastest_runs_exact_and_hybrid_sites_dense(arch, k, mode, order, aggress
 
 
 def test_the_dense_weight_is_built_once_per_layout_and_again_after_a_change():
-    from exprune_fx.runtime import exact
+    from exprune_fx.runtime import derived, exact
 
     w = torch.randn(8, 64)
     layouts = sign_order(w)
@@ -240,13 +240,13 @@ def test_the_dense_weight_is_built_once_per_layout_and_again_after_a_change():
         built.append(1)
         return exact.unsorted(*layouts[:3])
 
-    first = exact.built_once(layouts[:3], build)
-    assert exact.built_once(layouts[:3], build) is first and len(built) == 1
+    first = derived.built_once(layouts[:3], build)
+    assert derived.built_once(layouts[:3], build) is first and len(built) == 1
     torch.testing.assert_close(first, w)
     layouts[0].mul_(1.0)  # an in-place change bumps the version: rebuilt
-    assert exact.built_once(layouts[:3], build) is not first and len(built) == 2
-    key_count = len(exact._BUILT)
+    assert derived.built_once(layouts[:3], build) is not first and len(built) == 2
+    key_count = len(derived._BUILT)
     del first, layouts
     import gc
     gc.collect()
-    assert len(exact._BUILT) <= key_count - 2  # freed layouts take their entries with them
+    assert len(derived._BUILT) <= key_count - 2  # freed layouts take their entries with them

@@ -19,7 +19,7 @@ is no oracle gap to measure: the mode is already exact).
 
 Under ``fast.use("fastest")`` an exact site runs dense (no exact kernel beats the dense
 layer on CPU): one product with its folded weight, rebuilt from the layouts once and cached
-while they live (:func:`built_once`), counted as a dense call (nothing stopped).
+while they live (:func:`.derived.built_once`), counted as a dense call (nothing stopped).
 
 Example:
     >>> import torch
@@ -36,28 +36,14 @@ Example:
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 
 from . import fast
 from .counters import add
+from .derived import built_once
 from .kernels import _CHUNK_ELEMENTS
-
-_BUILT: dict[tuple, object] = {}  # (id, version) of the layouts -> what was built from them
-
-
-def built_once(layouts: tuple, build):
-    """``build()``, once per ``layouts`` (the tensors it reads, unchanged since: their ids and
-    versions are the key); the entry goes when the first of them is freed."""
-    key = tuple((id(t), t._version) for t in layouts)
-    value = _BUILT.get(key)
-    if value is None:
-        value = _BUILT[key] = build()
-        weakref.finalize(layouts[0], _BUILT.pop, key, None)
-    return value
-
 
 def unsorted(positive: torch.Tensor, order: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """The folded weight that :func:`sign_order` laid out, in ``positive``'s shape (its first

@@ -21,7 +21,7 @@ the inputs. A head as wide as the input tells the kernels which layout they have
 
 Under ``fast.use("fastest")`` a hybrid site runs dense (no hybrid kernel beats the dense
 layer on CPU): one product with its whole folded weight (``scale * head`` joined to the
-rest), rebuilt once and cached while the layouts live (:func:`exact.built_once`), then
+rest), rebuilt once and cached while the layouts live (:func:`.derived.built_once`), then
 the epilogue and the counters of a statistical site run dense (nothing pruned).
 
 Counters: ``partial`` the first k terms of every output; ``test`` the statistical test
@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from . import fast, observe
 from .counters import add
-from .exact import built_once, conv_blocks, matmul_blocks, unsorted
+from .derived import built_once
+from .exact import conv_blocks, matmul_blocks, unsorted
 from .kernels import (STATS, _conv_term_sums, _decide_negative, _dense_call, _flatten_offset, _term_mean,
                       _term_sums, per_channel)
 

@@ -29,12 +29,52 @@ inline Lanes sqrt_lanes(Lanes v) {
 #endif
 }
 
+// One bit per lane, set where the lane is nonzero.
+inline uint32_t nonzero_lanes(Cut v) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(v), reinterpret_cast<__m512i>(v));
+#else
+  uint32_t bits = 0;
+  for (int64_t l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(v[l] != 0) << l;
+  return bits;
+#endif
+}
+
+// Stores four vectors r0..r3 (four output positions, a lane per channel) channels first: lane l
+// of each, in that order, at dst + l * stride (a 4 x 16 transpose, in registers on AVX-512).
+inline void store_transposed(Lanes r0, Lanes r1, Lanes r2, Lanes r3, float* dst, int64_t stride) {
+#if defined(__AVX512F__)
+  const __m512 t0 = _mm512_unpacklo_ps(reinterpret_cast<__m512>(r0), reinterpret_cast<__m512>(r1));
+  const __m512 t1 = _mm512_unpackhi_ps(reinterpret_cast<__m512>(r0), reinterpret_cast<__m512>(r1));
+  const __m512 t2 = _mm512_unpacklo_ps(reinterpret_cast<__m512>(r2), reinterpret_cast<__m512>(r3));
+  const __m512 t3 = _mm512_unpackhi_ps(reinterpret_cast<__m512>(r2), reinterpret_cast<__m512>(r3));
+  // u[i]'s 128-bit block j holds lane 4j + i of r0..r3
+  const __m512 u[4] = {
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2))),
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)))};
+  for (int i = 0; i < 4; ++i) {
+    _mm_storeu_ps(dst + i * stride, _mm512_extractf32x4_ps(u[i], 0));
+    _mm_storeu_ps(dst + (4 + i) * stride, _mm512_extractf32x4_ps(u[i], 1));
+    _mm_storeu_ps(dst + (8 + i) * stride, _mm512_extractf32x4_ps(u[i], 2));
+    _mm_storeu_ps(dst + (12 + i) * stride, _mm512_extractf32x4_ps(u[i], 3));
+  }
+#else
+  for (int64_t l = 0; l < kLanes; ++l) {
+    float* d = dst + l * stride;
+    d[0] = r0[l], d[1] = r1[l], d[2] = r2[l], d[3] = r3[l];
+  }
+#endif
+}
+
 // A convolution site's single-stage test on its first k of n terms (kernels._decide_negative):
 // per output channel its scale a and critical value, both padded per group as the transposed
-// weight is (`padded` channels a group), and the offset c [B, C, oh, ow] with any strides (null:
-// none). Plain values, so that a task copies it whole (see Job below).
+// weight is (`padded` channels a group), and the offset: one value per channel (`chan_c`, padded
+// likewise) or c [B, C, oh, ow] with any strides (both null: none). Plain values, so that a
+// task copies it whole (see Job below).
 struct ConvTest {
-  const float *a, *crit, *c;
+  const float *a, *crit, *chan_c, *c;
   int64_t cs[4];
   bool stats;
   float inv_k, inv_n, fpc;
@@ -100,6 +140,8 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
   const int64_t tasks = batch * groups * job.blocks * job.spots;
   at::parallel_for(0, tasks, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, span)), [&job](int64_t t0, int64_t t1) {
     const Job J = job;
+    // bit l of entry (g, block, o): this thread has flagged that vector's lane l alive
+    std::vector<uint32_t> flagged(J.mask ? J.groups * J.blocks * O : 0, 0);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t spot = task % J.spots, block = task / J.spots % J.blocks;
       const int64_t g = task / (J.spots * J.blocks) % J.groups, b = task / (J.spots * J.blocks * J.groups);
@@ -143,9 +185,10 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
         if (J.mask) {
           const ConvTest& d = J.test;
           const Lanes a = load(d.a + g * J.padded + c0), crit = load(d.crit + g * J.padded + c0);
+          const Lanes chan_c = d.chan_c ? load(d.chan_c + g * J.padded + c0) : Lanes{};
           for (int q = 0; q < np; ++q) {
             const Lanes s = a1[q][o];
-            Lanes c = {};
+            Lanes c = chan_c;
             if (d.c) {
               const int64_t pos = p0 + q, at_c = b * d.cs[0] + pos / J.ow * d.cs[2] + pos % J.ow * d.cs[3];
               for (int64_t l = 0; l < n; ++l) c[l] = d.c[at_c + (g * J.chans + c0 + l) * d.cs[1]];
@@ -160,7 +203,30 @@ std::vector<at::Tensor> conv_term_sums(const at::Tensor& x, const at::Tensor& we
             cut[q] = mean < bound;
           }
         }
-        // lane by lane through buffers (the 4 x 16 transpose); whole tasks with fixed counts
+        if (np == P && n == kLanes) {  // a whole task: vector stores
+          static_assert(P == 4, "store_transposed writes four positions");
+          store_transposed(a1[0][o], a1[1][o], a1[2][o], a1[3][o], J.s1 + at_out, J.len);
+          if (J.s2) store_transposed(a2[0][o], a2[1][o], a2[2][o], a2[3][o], J.s2 + at_out, J.len);
+          if (!J.mask) continue;
+          // each channel's four mask bytes as one 32-bit word (little-endian: position q in byte q)
+          const Cut word = (cut[0] & 1) | (cut[1] & 1) << 8 | (cut[2] & 1) << 16 | (cut[3] & 1) << 24;
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const int32_t bytes = word[l];
+            std::memcpy(J.mask + at_out + l * J.len, &bytes, sizeof(bytes));
+          }
+          // the channels with a survivor that this thread has not flagged yet (after a few
+          // tasks, none: the shared flags are left alone)
+          uint32_t& seen = flagged[(g * J.blocks + block) * O + o];
+          const uint32_t fresh = nonzero_lanes(~(cut[0] & cut[1] & cut[2] & cut[3])) & ~seen;
+          seen |= fresh;
+          for (int64_t l = 0; fresh >> l; ++l) {
+            uint8_t* flag = J.alive + g * J.chans + c0 + l;
+            if (fresh >> l & 1 && !__atomic_load_n(flag, __ATOMIC_RELAXED)) __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+          }
+          continue;
+        }
+        // lane by lane through buffers (the 4 x 16 transpose): a task's last positions, or a
+        // group's last channels
         float v1[P][kLanes], v2[P][kLanes];
         int32_t vm[P][kLanes];
         for (int q = 0; q < P; ++q) {
@@ -225,17 +291,22 @@ std::vector<at::Tensor> conv_head(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(terms >= 2 && terms < n, "conv_head: 2 <= k < n terms");
   const int64_t groups = weight.size(0), padded = weight.size(2);
   const Critical crit(critical, wide);
-  std::vector<float> a(groups * padded, 0.0f), crits(groups * padded, 0.0f);  // padded as the weight
+  int64_t cs[4] = {0, 0, 0, 0};
+  const float* cp = offset_4d(offset, cs);
+  const bool per_channel = cp && cs[0] == 0 && cs[2] == 0 && cs[3] == 0;  // (a bias: the common case)
+  // padded as the weight
+  std::vector<float> a(groups * padded, 0.0f), crits(groups * padded, 0.0f), chan_c(per_channel ? groups * padded : 0);
   const float* ap = scale.data_ptr<float>();
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t ch = 0; ch < chans && ch < padded; ++ch) {
       a[g * padded + ch] = ap[g * chans + ch];
       crits[g * padded + ch] = crit[g * chans + ch];
+      if (per_channel) chan_c[g * padded + ch] = cp[(g * chans + ch) * cs[1]];
     }
   }
-  ConvTest d{a.data(), crits.data(), nullptr, {0, 0, 0, 0}, test == 0, 1.0f / terms, 1.0f / n,
+  ConvTest d{a.data(), crits.data(), per_channel ? chan_c.data() : nullptr, per_channel ? nullptr : cp,
+             {cs[0], cs[1], cs[2], cs[3]}, test == 0, 1.0f / terms, 1.0f / n,
              static_cast<float>(n - terms) / (static_cast<float>(n - 1) * terms * (terms - 1))};
-  d.c = offset_4d(offset, d.cs);
   return conv_term_sums(x, weight, chans, terms, unit, kh, kw, oh, ow, stride, dilation, d.stats, &d);
 }
 
