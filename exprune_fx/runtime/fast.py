@@ -191,9 +191,21 @@ def relu_linear(x, weight, scale, offset, unit: int, k: int, test: int, critical
         return None
     if not isinstance(critical, torch.Tensor):
         critical = torch.tensor(float(critical))
-    return ext.linear_site(x, weight, scale, offset, unit, k, test, critical, stats, stages,
+    head_t = None
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2:
+        head_t = built_once((weight,), lambda: _head_transposed(weight, k * unit), ("linear head", k * unit))
+    return ext.linear_site(x, weight, head_t, scale, offset, unit, k, test, critical, stats, stages,
                            _SETTING_CODES.get(setting, 0), -1 if kernel is None else _KERNELS.index(kernel),
                            ROW_BUDGET, DENSE_BUDGET, OUTPUT_COST, MIN_TERMS)
+
+
+def _head_transposed(weight, kh: int) -> torch.Tensor:
+    """A linear site's head (the weight's first ``kh`` columns) transposed, ``[kh, N]`` padded
+    with zero columns to a multiple of 16: the kernels read it 16 outputs at a time."""
+    n = weight.shape[0]
+    head_t = weight.new_zeros(kh, -(-n // 16) * 16)
+    head_t[:, :n] = weight[:, :kh].t()
+    return head_t
 
 
 _BLOCK = 32  # output channels per task in csrc/conv_kernels.cpp (2 x kLanes)

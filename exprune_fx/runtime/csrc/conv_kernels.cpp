@@ -8,15 +8,8 @@
 // test, the epilogue and the counters.
 namespace {
 
-// 16 float lanes (GCC/Clang vector extension: one AVX-512 register, two AVX2 ones, ...).
-constexpr int64_t kLanes = 16;
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-// The same lanes at any float's address (loads and stores through it need no alignment).
-typedef float LanesAt __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
-// A lane-wise comparison's result: -1 where true, 0 where false.
+// (Lanes, load: fast_kernels.cpp.) A lane-wise comparison's result: -1 where true, 0 where false.
 typedef int32_t Cut __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Lanes load(const float* p) { return *reinterpret_cast<const LanesAt*>(p); }
 
 // Square roots of non-negative lanes (one instruction where the CPU has AVX-512; a plain
 // sqrtf loop is not vectorized, as sqrtf may set errno).

@@ -29,6 +29,14 @@
 
 namespace {
 
+// 16 float lanes (GCC/Clang vector extension: one AVX-512 register, two AVX2 ones, ...).
+constexpr int64_t kLanes = 16;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+// The same lanes at any float's address (loads and stores through it need no alignment).
+typedef float LanesAt __attribute__((vector_size(kLanes * sizeof(float)), aligned(4), may_alias));
+
+inline Lanes load(const float* p) { return *reinterpret_cast<const LanesAt*>(p); }
+
 // One vector accumulator per 16 lanes: `omp simd` lets the compiler reassociate the sum.
 inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
   float s = 0;
@@ -147,6 +155,45 @@ struct Critical {
   float operator[](int64_t j) const { return p[j * stride]; }
 };
 
+// A site's head transposed (head_t [kh, ld]: row t is column t of every output's weight row,
+// ld >= N a multiple of kLanes, zero past N; fast.py builds it once per weight).
+struct HeadT {
+  const float* p = nullptr;
+  int64_t ld = 0;
+};
+
+at::Tensor transposed_head(const at::Tensor& weight, int64_t kh) {
+  const int64_t n_out = weight.size(0);
+  at::Tensor head_t = at::zeros({kh, (n_out + kLanes - 1) / kLanes * kLanes}, weight.options());
+  head_t.narrow(1, 0, n_out).copy_(weight.narrow(1, 0, kh).t());
+  return head_t;
+}
+
+HeadT head_view(const at::Tensor& head_t, int64_t kh, int64_t n_out) {
+  HeadT h;
+  TORCH_CHECK(head_t.defined() && head_t.dim() == 2 && head_t.is_contiguous() && head_t.scalar_type() == at::kFloat &&
+                  head_t.size(0) == kh && head_t.size(1) >= n_out && head_t.size(1) % kLanes == 0,
+              "head_t: contiguous float32 [k * unit, N rounded up to 16]");
+  h.p = head_t.data_ptr<float>();
+  h.ld = head_t.size(1);
+  return h;
+}
+
+// The first `terms` terms' sum and sum of squares (unit elements a term) of the kLanes outputs
+// from j0, on one input row: one vector multiply-add per head column, no per-output reduction.
+inline void head_sums(const float* xr, const HeadT& ht, int64_t j0, int64_t terms, int64_t unit, float* s1,
+                      float* s2) {
+  Lanes a1 = {}, a2 = {};
+  for (int64_t t = 0; t < terms; ++t) {
+    Lanes v = {};
+    for (int64_t u = t * unit; u < (t + 1) * unit; ++u) v += xr[u] * load(ht.p + u * ht.ld + j0);
+    a1 += v;
+    a2 += v * v;
+  }
+  std::memcpy(s1, &a1, sizeof(a1));
+  std::memcpy(s2, &a2, sizeof(a2));
+}
+
 }  // namespace
 
 // Early negative prediction for relu(a * (x @ w.T) + c), w = [head | rest] with head its first
@@ -154,11 +201,12 @@ struct Critical {
 // (k, 2k, ...); test 0 = stats (mean < critical * se), 1 = threshold (mean < critical), with
 // `critical` one float32 value or one per output. Work is split in blocks of outputs; a block's
 // outputs are tested on every row, then each row's survivors get their remainders four at a time.
-at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                       const at::Tensor& offset, int64_t unit, std::vector<int64_t> ks, int64_t test,
-                       const at::Tensor& critical, at::Tensor counters) {
+at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& head_t,
+                       const at::Tensor& scale, const at::Tensor& offset, int64_t unit, std::vector<int64_t> ks,
+                       int64_t test, const at::Tensor& critical, at::Tensor counters) {
   const int64_t m = x.size(0), big_k = x.size(1), n_out = weight.size(0), ldw = weight.stride(0);
   const int64_t n = big_k / unit, k = ks.front(), kh = k * unit, kr = big_k - kh;
+  const HeadT ht = head_view(head_t, kh, n_out);
   auto out = at::empty({m, n_out}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* hp = weight.data_ptr<float>();
@@ -185,20 +233,18 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   // streams (one weight row at a time, a remainder waits on memory: 25-30% slower at one row).
   // The block's weight rows stay in the core's cache while the rows of the call go through it.
   const int64_t lo = kh + skip, len = kr - skip;  // the remainder every survivor still needs
+  static_assert(block == kLanes, "a block's head sums are one vector");
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> s1(m * block);  // the head sums of the block's outputs, [row][output]
+    std::vector<float> h1(m * block), h2(m * block);  // the first stage's sums, [row][output]
     std::vector<std::vector<int64_t>> alive(m);  // per row, the block's surviving outputs
     for (int64_t b = b0; b < b1; ++b) {
       Tally t;
       const int64_t j0 = b * block, j1 = std::min(n_out, (b + 1) * block);
       for (auto& row : alive) row.clear();
+      // the first stage's sums for the whole block, a lane per output, from the transposed head
+      for (int64_t i = 0; i < m; ++i) head_sums(xp + i * big_k, ht, j0, k, unit, &h1[i * block], &h2[i * block]);
       for (int64_t j = j0; j < j1; ++j) {
-        const float* hr = hp + j * ldw;
-        // the head of the output 8 ahead (16 floats a cache line): a head is read alone when its
-        // output is pruned, which the hardware prefetcher, following whole rows, does not foresee
-        if (j + 8 < n_out) {
-          for (int64_t l = 0; l < kh; l += 16) __builtin_prefetch(hp + (j + 8) * ldw + l);
-        }
         const float* rr = rp + j * ldw;
         const float a = ap[j];
         for (int64_t i = 0; i < m; ++i) {
@@ -209,7 +255,7 @@ at::Tensor relu_linear(const at::Tensor& x, const at::Tensor& weight, const at::
           bool pruned = false;
           for (size_t q = 0; q < ks.size(); ++q) {
             if (q == 0) {
-              term_sums(xr, hr, k, unit, stats, a1, a2);
+              a1 = h1[i * block + (j - j0)], a2 = h2[i * block + (j - j0)];
             } else {
               term_sums(xr + done * unit, rr + (done - k) * unit, ks[q] - done, unit, stats, a1, a2);
             }
@@ -276,8 +322,8 @@ constexpr int64_t kSmallHead = 32;
 // the remainder's product only, the head summed in the pass), then one fused pass tests,
 // applies the epilogue, zeroes the pruned outputs and counts. Single stage. The stats test on
 // terms of several columns (unit > 1) sums each term on its own, in one batched product.
-at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                             const at::Tensor& offset, int64_t unit, int64_t k, int64_t test,
+at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& head_t,
+                             const at::Tensor& scale, const at::Tensor& offset, int64_t unit, int64_t k, int64_t test,
                              const at::Tensor& critical, at::Tensor counters) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat,
               "relu_linear_dense: x [M, K] float32 with contiguous rows");
@@ -288,7 +334,8 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   // A short head (kSmallHead columns or fewer) is summed in the pass below, from its transposed
   // copy: two more products on so few columns cost more than the whole pass.
   const bool inline_head = kh <= kSmallHead && unit == 1;
-  const at::Tensor head_t = inline_head ? head.t().contiguous() : at::Tensor();
+  const HeadT given = head_view(head_t, kh, n_out);
+  const int64_t ldh = given.ld;
   at::Tensor s1, s2;
   if (stats && unit > 1 && !inline_head) {
     // each term's sum on its own (unit columns): one batched product [k, M, N], then the sums
@@ -303,7 +350,7 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
   at::Tensor out = at::mm(x.narrow(1, kh, big_k - kh), rest.t());  // the remainder, then z in place
   const float* p1 = inline_head ? nullptr : s1.data_ptr<float>();
   const float* p2 = s2.defined() ? s2.data_ptr<float>() : nullptr;
-  const float* hp = inline_head ? head_t.data_ptr<float>() : nullptr;
+  const float* hp = inline_head ? given.p : nullptr;
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   const float* ap = scale.data_ptr<float>();
@@ -329,7 +376,7 @@ at::Tensor relu_linear_dense(const at::Tensor& x, const at::Tensor& weight, cons
         for (int64_t t = 0; t < kh; ++t) {
           const float xv = xp[i * ldx + t];
           if (xv == 0.0f) continue;
-          const float* ht = hp + t * n_out;
+          const float* ht = hp + t * ldh;
           for (int64_t j = 0; j < n_out; ++j) {
             const float v = xv * ht[j];
             sums1[j] += v;
@@ -484,9 +531,10 @@ int64_t choose(int64_t rows, double k_share, const at::Tensor& counters, int64_t
 // One call of a linear site (kernels.relu_linear's arguments: x [..., K], offset None or
 // broadcastable to [..., N]) on the fast kernels, everything a call needs in one C++ call:
 // the checks, the flattening, the cost model (`kernel` < 0) or a forced kernel, the kernel.
-// None where no fast kernel covers the call (not float32 CPU, columns not contiguous, the BLAS
+// `head_t`: the weight's head transposed (HeadT), or None (built for this call). None where no fast kernel covers the call (not float32 CPU, columns not contiguous, the BLAS
 // kernel asked for several stages): the caller runs the reference kernel.
-c10::optional<at::Tensor> linear_site(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+c10::optional<at::Tensor> linear_site(const at::Tensor& x, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& head_t, const at::Tensor& scale,
                                       const c10::optional<at::Tensor>& offset, int64_t unit, int64_t k, int64_t test,
                                       const at::Tensor& critical, at::Tensor counters, int64_t stages, int64_t setting,
                                       int64_t kernel, double row_budget, double dense_budget, double output_cost,
@@ -514,8 +562,9 @@ c10::optional<at::Tensor> linear_site(const at::Tensor& x, const at::Tensor& wei
     out = linear_dense(x2, weight, a, c, counters);
   } else {
     const at::Tensor crit = critical.to(at::kFloat).reshape({-1}).contiguous();
-    out = kernel == kRowWise ? relu_linear(x2, weight, a, c, unit, ks, test, crit, counters)
-                             : relu_linear_dense(x2, weight, a, c, unit, k, test, crit, counters);
+    const at::Tensor ht = head_t.has_value() ? *head_t : transposed_head(weight, k * unit);
+    out = kernel == kRowWise ? relu_linear(x2, weight, ht, a, c, unit, ks, test, crit, counters)
+                             : relu_linear_dense(x2, weight, ht, a, c, unit, k, test, crit, counters);
   }
   return out.view(shape);
 }
