@@ -92,6 +92,39 @@ def test_fast_relu_conv2d_equals_reference(batch, groups, unit, n, cout_g, ksize
         assert cf["pruned"] == cf["outputs"] and cf["remainder"] == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 2), st.integers(3, 12), st.integers(1, 40), st.integers(1, 3), st.integers(1, 3),
+       st.integers(1, 2), st.integers(0, 1), st.integers(1, 2), st.integers(3, 9),
+       st.sampled_from([kernels.STATS, kernels.THRESHOLD]), st.sampled_from(["none", "channel", "full"]),
+       st.sampled_from(["drawn", "per-channel", "empty"]), st.data())
+def test_direct_remainder_at_batch_one_equals_reference(unit, n, cout, kh, kw, stride, padding, dilation, size, test,
+                                                         offset_kind, mask, data):
+    """One small image, one group: the remainder runs on the C++ kernel too (where torch would
+    run its im2col convolution). The same decisions, values and counters as the reference."""
+    k = data.draw(st.integers(2, n - 1))
+    assume(size + 2 * padding - dilation * (kh - 1) >= 1 and size + 1 + 2 * padding - dilation * (kw - 1) >= 1)
+    torch.manual_seed(data.draw(st.integers(0, 10_000)))
+    cin = n * unit
+    assert fast._direct_remainder(1, 1, (cin - k * unit) * size * (size + 1), kh, kw)
+    x = torch.randint(-3, 4, (1, cin, size, size + 1)).float()
+    w = torch.randint(-3, 4, (cout, cin, kh, kw)).float()
+    scale = 2.0 ** torch.randint(-2, 3, (cout,)).float()
+    conv = ([stride, stride], [padding, padding], [dilation, dilation], 1)
+    oh = (size + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    ow = (size + 1 + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    offset = {"none": None, "channel": torch.randint(-6, 7, (cout, 1, 1)).float(),
+              "full": torch.randint(-6, 7, (1, cout, oh, ow)).float()}[offset_kind]
+    critical = {"empty": NEVER, "drawn": data.draw(st.integers(-3, 1)) + 0.37,
+                "per-channel": torch.randint(-3, 2, (cout,)).float() + 0.37}[mask]
+    if mask != "empty":
+        assume(_margin(x, w, scale, offset, conv, unit, k, n, test, critical) > 1e-3)
+    zr, cr = _run("reference", x, w, scale, offset, conv, unit, k, test, critical)
+    zf, cf = _run("auto", x, w, scale, offset, conv, unit, k, test, critical)
+    assert torch.equal(zf == 0, zr == 0)
+    torch.testing.assert_close(zf, zr, rtol=0, atol=1e-4)
+    _same_counters(cf, cr, cout * cin * oh * ow * kh * kw)
+
+
 def test_fast_relu_conv2d_on_float_data():
     """Real-valued data, decisions fixed (never / always prune): the dense convolution's values
     and nothing computed beyond the head when everything is pruned; a channel subset when only

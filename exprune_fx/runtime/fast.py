@@ -212,6 +212,9 @@ _BLOCK = 32  # output channels per task in csrc/conv_kernels.cpp (2 x kLanes)
 # Channels that torch's CPU convolution (oneDNN, AVX-512) works on at once: a convolution on 24
 # of 32 input channels costs about as much as on all 32, plus the copy of the slice.
 _CHANNEL_BLOCK = 16
+# The largest input (elements) that torch convolves at batch 1 by its own im2col path rather than
+# oneDNN (aten/src/ATen/native/Convolution.cpp, use_mkldnn)
+_NATIVE_CONV_ELEMENTS = 20480
 
 
 def _covers_conv(x, weight, padding) -> bool:
@@ -219,25 +222,29 @@ def _covers_conv(x, weight, padding) -> bool:
             and weight.dtype == torch.float32 and not isinstance(padding, str) and module() is not None)
 
 
-def _head_weight(wk) -> torch.Tensor:
-    """The C++ head's weight for a site's first terms: wk [G, C, kc, kh, kw] -> [G, kc*kh*kw,
-    Cp], transposed (output channels contiguous) and zero-padded to Cp, a multiple of 32."""
+def _transposed_weight(wk) -> torch.Tensor:
+    """The C++ convolution kernel's weight for some of a site's terms: wk [G, C, kc, kh, kw] ->
+    [G, kc*kh*kw, Cp], transposed (output channels contiguous) and zero-padded to Cp, a multiple
+    of 32."""
     g, cout_g, kc, kh, kw = wk.shape
     wt = wk.new_zeros(g, kc * kh * kw, -(-cout_g // _BLOCK) * _BLOCK)
     wt[:, :, :cout_g] = wk.reshape(g, cout_g, kc * kh * kw).transpose(1, 2)
     return wt
 
 
-def _conv_head_args(xk, wk, k: int, unit: int, stride, padding, dilation, wt=None) -> tuple:
+def _conv_head_args(xk, wk, k: int, unit: int, stride, padding, dilation, wt=None, padded=None) -> tuple:
     """The C++ head's arguments for a site's first ``k`` terms: xk [B, G, k*unit, H, W], wk
-    [G, C, k*unit, kh, kw] -> the input zero-padded, the weight as :func:`_head_weight` lays it
-    out (``wt``, where the caller has it already), and the shape arguments."""
+    [G, C, k*unit, kh, kw] -> the input zero-padded (``padded``, where the caller has it
+    already), the weight as :func:`_transposed_weight` lays it out (``wt``, likewise), and the
+    shape arguments."""
     b, g, kc, h, w = xk.shape
     cout_g, kh, kw = wk.shape[1], wk.shape[3], wk.shape[4]
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    x = torch.nn.functional.pad(xk.reshape(b, g * kc, h, w), (pw, pw, ph, ph)).contiguous()
-    return x, _head_weight(wk) if wt is None else wt, cout_g, k, unit, kh, kw, oh, ow, [sh, sw], [dh, dw]
+    if padded is None:
+        padded = torch.nn.functional.pad(xk.reshape(b, g * kc, h, w), (pw, pw, ph, ph)).contiguous()
+    return (padded, _transposed_weight(wk) if wt is None else wt, cout_g, k, unit, kh, kw, oh, ow, [sh, sw],
+            [dh, dw])
 
 
 def _whole_input_remainder(cin_g: int, kc: int, groups: int) -> bool:
@@ -247,6 +254,18 @@ def _whole_input_remainder(cin_g: int, kc: int, groups: int) -> bool:
     at batch 32 (docs/benchmarks.md): the last 24 of 32 channels x1.20 the whole convolution's
     time, the whole input with zeros x0.99; the last 48 of 64 channels x0.79, the whole x1.01."""
     return groups == 1 and -(-(cin_g - kc) // _CHANNEL_BLOCK) * _CHANNEL_BLOCK >= cin_g
+
+
+def _direct_remainder(batch: int, groups: int, rest_elements: int, kh: int, kw: int) -> bool:
+    """Whether a site's remainder convolution runs on the C++ kernel (the head's, summing
+    without a test) rather than torch's: where torch would run it by its own im2col
+    convolution, which it keeps for one small image (one group, a kernel no larger than 3 on a
+    side, at most :data:`_NATIVE_CONV_ELEMENTS` input elements: ``use_mkldnn`` in torch's
+    Convolution.cpp), and which the C++ kernel beats: measured at batch 1 on 16-256 channels,
+    x0.52-0.67 the whole convolution's time where torch's convolution of the same channels
+    took x0.64-1.13 (docs/benchmarks.md). Above that size torch's oneDNN convolution is the
+    faster one (x0.78-0.84 against x1.06-1.52)."""
+    return batch == 1 and groups == 1 and not (kh > 3 and kw > 3) and rest_elements <= _NATIVE_CONV_ELEMENTS
 
 
 def _rest_weight(weight, kc: int, whole_input: bool) -> torch.Tensor:
@@ -290,8 +309,13 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     cout, cin_g, kh, kw = weight.shape
     g, cout_g, kc = groups, cout // groups, k * unit
     xg, wg = x.view(b, g, cin_g, h, w), weight.view(g, cout_g, cin_g, kh, kw)
-    wt = built_once((weight,), lambda: _head_weight(wg[:, :, :kc]), ("conv head", g, kc))
-    args = _conv_head_args(xg[:, :, :kc], wg[:, :, :kc], k, unit, stride, padding, dilation, wt)
+    wt = built_once((weight,), lambda: _transposed_weight(wg[:, :, :kc]), ("conv head", g, kc))
+    direct = _direct_remainder(b, g, (cin_g - kc) * h * w, kh, kw)
+    # direct: the whole input padded once; the head reads its first kc channels, the remainder
+    # the others (at batch 1 a channel range of it is contiguous)
+    x_pad = torch.nn.functional.pad(x, (padding[1],) * 2 + (padding[0],) * 2).contiguous() if direct else None
+    args = _conv_head_args(xg[:, :, :kc], wg[:, :, :kc], k, unit, stride, padding, dilation, wt,
+                           None if x_pad is None else x_pad[:, :kc])
     oh, ow = args[7], args[8]
     a = scale.to(torch.float32).reshape(-1).contiguous()
     c = None if offset is None else offset.to(torch.float32).expand(b, cout, oh, ow)
@@ -304,7 +328,12 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     # every channel where skipping some would not pay: grouped (a subset would break the
     # groups' layout), or a subset that rounds up to every channel at the convolution's blocks
     every = g > 1 or -(-chans.numel() // _CHANNEL_BLOCK) * _CHANNEL_BLOCK >= cout
-    if chans.numel() and every:
+    if chans.numel() and every and direct:
+        w_rest = built_once((weight,), lambda: _transposed_weight(wg[:, :, kc:]), ("conv rest, transposed", kc))
+        z = ext.conv_term_sums(x_pad[:, kc:], w_rest, cout, cin_g // unit - k, unit, kh, kw, oh, ow, args[9], args[10],
+                               False)[0]
+        rest = cout * (cin_g - kc) * per_map
+    elif chans.numel() and every:
         whole = _whole_input_remainder(cin_g, kc, g)
         w_rest = built_once((weight,), lambda: _rest_weight(weight, kc, whole), ("conv rest", kc, whole))
         x_rest = x if whole else xg[:, :, kc:].reshape(b, g * (cin_g - kc), h, w)
