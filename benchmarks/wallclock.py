@@ -151,8 +151,15 @@ class OpCalls(torch.fx.Interpreter):
 
 def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
     """Each linear ReLU site alone, on its real input: the fast and the reference op against
-    the dense layer it replaced (``relu(a * x @ W.T + c)``), and its own FLOPs reduction."""
+    the dense layer it replaced (``relu(a * x @ W.T + c)``), and its own FLOPs reduction. The
+    op's kernel is called as a compiled model calls it (exprune_fx/fastcall.py: directly, not
+    through the dispatcher), and every variant, dense included, runs inside the same kernel
+    setting switch, so that only their work differs."""
     from torch.utils._pytree import tree_flatten
+
+    from exprune_fx.runtime.ops import PYTHON_KERNELS
+
+    kernel = PYTHON_KERNELS[torch.ops.exprune.relu_linear.default]
 
     gm = compiled.graph_module
     flat = tree_flatten(((inputs,), {}))[0]
@@ -165,14 +172,14 @@ def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
         counters = {setting: new_counters() for setting in ("reference", "auto", "fastest")}
 
         def dense(_):
-            z = F.linear(x, weight) * scale
-            return torch.relu(z if offset is None else z + offset)
+            with fast.use("auto"):
+                z = F.linear(x, weight) * scale
+                return torch.relu(z if offset is None else z + offset)
 
         def op(setting):
             def run(_):
                 with fast.use(setting):
-                    return torch.ops.exprune.relu_linear(x, weight, scale, offset, unit, k, test, critical,
-                                                         counters[setting], stages)
+                    return kernel(x, weight, scale, offset, unit, k, test, critical, counters[setting], stages)
             return run
 
         timing = side_by_side({"dense eager": dense, "count-only": op("reference"), "fast": op("auto"),
