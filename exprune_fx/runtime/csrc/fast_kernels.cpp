@@ -6,7 +6,8 @@
 //
 // Layouts: x [M, K] row-major and contiguous; the weight [N, K] with unit stride along K and
 // any row stride (the rewrite made every term's `unit` elements contiguous); its first k*unit
-// columns are the "head", the rest the "rest". offset is [M, N] with any strides (0 for
+// columns are the "head", the rest the "rest"; head_t is the head transposed (HeadT below), which
+// the kernels read 16 outputs at a time. offset is [M, N] with any strides (0 for
 // broadcast) or empty. Counters are the float64 vector of counters.py, updated in place.
 // Threads: at::parallel_for over blocks of outputs (compiled with -fopenmp, sharing torch's
 // OpenMP runtime).
