@@ -247,13 +247,18 @@ def _conv_head_args(xk, wk, k: int, unit: int, stride, padding, dilation, wt=Non
             [dh, dw])
 
 
+def _fills_blocks(channels: int, total: int) -> bool:
+    """Whether ``channels``, rounded up to :data:`_CHANNEL_BLOCK`, are all ``total`` of them."""
+    return -(-channels // _CHANNEL_BLOCK) * _CHANNEL_BLOCK >= total
+
+
 def _whole_input_remainder(cin_g: int, kc: int, groups: int) -> bool:
     """Whether a site's remainder convolution reads the whole input, its weight's first ``kc``
     channels zeroed, rather than a copy of the other channels: where those, rounded up to
     :data:`_CHANNEL_BLOCK`, are all of them anyway (no more multiply-adds, no copy). Measured
     at batch 32 (docs/benchmarks.md): the last 24 of 32 channels x1.20 the whole convolution's
     time, the whole input with zeros x0.99; the last 48 of 64 channels x0.79, the whole x1.01."""
-    return groups == 1 and -(-(cin_g - kc) // _CHANNEL_BLOCK) * _CHANNEL_BLOCK >= cin_g
+    return groups == 1 and _fills_blocks(cin_g - kc, cin_g)
 
 
 def _direct_remainder(batch: int, groups: int, rest_elements: int, kh: int, kw: int) -> bool:
@@ -296,8 +301,9 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
                 critical, stats, stages: int = 1):
     """One call of a convolution site (:func:`kernels.relu_conv2d`'s arguments) with a single
     stage, in three steps: the head's sums and test in one C++ pass (no tensor of squares is
-    written), the remainder convolution (torch's) for the channels with any surviving output,
-    and one C++ pass for the epilogue and the counters. None where it does not cover the call
+    written), the remainder convolution for the channels with any surviving output (torch's, or
+    the C++ kernel's where :func:`_direct_remainder` says), and one C++ pass for the epilogue
+    and the counters. None where it does not cover the call
     (:func:`conv_term_sums`'s cases, several stages, counters not on the CPU): the caller runs
     the reference kernel."""
     if stages != 1 or not _covers_conv(x, weight, padding) or stats.device.type != "cpu":
@@ -327,7 +333,7 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     rest = 0
     # every channel where skipping some would not pay: grouped (a subset would break the
     # groups' layout), or a subset that rounds up to every channel at the convolution's blocks
-    every = g > 1 or -(-chans.numel() // _CHANNEL_BLOCK) * _CHANNEL_BLOCK >= cout
+    every = g > 1 or _fills_blocks(chans.numel(), cout)
     if chans.numel() and every and direct:
         w_rest = built_once((weight,), lambda: _transposed_weight(wg[:, :, kc:]), ("conv rest, transposed", kc))
         z = ext.conv_term_sums(x_pad[:, kc:], w_rest, cout, cin_g // unit - k, unit, kh, kw, oh, ow, args[9], args[10],

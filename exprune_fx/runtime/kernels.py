@@ -247,8 +247,8 @@ def relu_conv2d(x, weight, scale, offset, stride, padding, dilation, groups: int
     whole window contribution, counted within each group. ``stages > 1`` tests the outputs
     left undecided again at 2k, 4k, ... terms (for the channels that have any). Under the
     ``"auto"`` and ``"fast"`` settings a single-stage call runs :func:`fast.relu_conv2d` (the
-    same decisions and counters, its head and epilogue in C++) unless thresholds are being
-    recorded."""
+    same decisions and counters but ``computed``, its head and epilogue in C++) unless
+    thresholds are being recorded."""
     if fast.current() == "fastest":  # no convolution kernel beats the dense one on CPU (docs/benchmarks.md)
         return dense_conv2d(x, weight, scale, offset, stride, padding, dilation, groups, stats)
     if not observe.active():  # one stage on the fast kernels: two C++ passes around the remainder convolution

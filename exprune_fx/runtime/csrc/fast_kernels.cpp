@@ -163,13 +163,6 @@ struct HeadT {
   int64_t ld = 0;
 };
 
-at::Tensor transposed_head(const at::Tensor& weight, int64_t kh) {
-  const int64_t n_out = weight.size(0);
-  at::Tensor head_t = at::zeros({kh, (n_out + kLanes - 1) / kLanes * kLanes}, weight.options());
-  head_t.narrow(1, 0, n_out).copy_(weight.narrow(1, 0, kh).t());
-  return head_t;
-}
-
 HeadT head_view(const at::Tensor& head_t, int64_t kh, int64_t n_out) {
   HeadT h;
   TORCH_CHECK(head_t.defined() && head_t.dim() == 2 && head_t.is_contiguous() && head_t.scalar_type() == at::kFloat &&
@@ -532,7 +525,7 @@ int64_t choose(int64_t rows, double k_share, const at::Tensor& counters, int64_t
 // One call of a linear site (kernels.relu_linear's arguments: x [..., K], offset None or
 // broadcastable to [..., N]) on the fast kernels, everything a call needs in one C++ call:
 // the checks, the flattening, the cost model (`kernel` < 0) or a forced kernel, the kernel.
-// `head_t`: the weight's head transposed (HeadT), or None (built for this call). None where no fast kernel covers the call (not float32 CPU, columns not contiguous, the BLAS
+// `head_t`: the weight's head transposed (HeadT; None only where the call is not covered). None where no fast kernel covers the call (not float32 CPU, columns not contiguous, the BLAS
 // kernel asked for several stages): the caller runs the reference kernel.
 c10::optional<at::Tensor> linear_site(const at::Tensor& x, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& head_t, const at::Tensor& scale,
@@ -563,7 +556,8 @@ c10::optional<at::Tensor> linear_site(const at::Tensor& x, const at::Tensor& wei
     out = linear_dense(x2, weight, a, c, counters);
   } else {
     const at::Tensor crit = critical.to(at::kFloat).reshape({-1}).contiguous();
-    const at::Tensor ht = head_t.has_value() ? *head_t : transposed_head(weight, k * unit);
+    TORCH_CHECK(head_t.has_value(), "linear_site: the head transposed (fast.py builds it once per weight)");
+    const at::Tensor& ht = *head_t;
     out = kernel == kRowWise ? relu_linear(x2, weight, ht, a, c, unit, ks, test, crit, counters)
                              : relu_linear_dense(x2, weight, ht, a, c, unit, k, test, crit, counters);
   }
