@@ -195,6 +195,54 @@ def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
     return rows
 
 
+# Output tiles a convolution kernel could skip whole: (output channels, consecutive positions in
+# raster order); None = the whole map. A vector kernel computes 16 channels (AVX-512 lanes) or
+# 16 positions of one channel at once; the C++ head kernel's task is 32 channels x 4 positions.
+CONV_TILES = {"1 x 1": (1, 1), "1 x 4": (1, 4), "1 x 16": (1, 16), "16 x 4": (16, 4), "32 x 4": (32, 4),
+              "map": (1, None)}
+
+
+def pruned_tile_share(pruned: torch.Tensor, channels: int, positions: int | None) -> float:
+    """The share of (image, channel block, position block) tiles of a convolution's output whose
+    outputs are all pruned: the remainder work a kernel skipping whole tiles could skip.
+    ``pruned`` [B, C, H, W] bool; a partial tile at the end of a map or of the channels counts
+    its missing outputs as pruned (an upper bound).
+
+    >>> p = torch.zeros(1, 2, 2, 2, dtype=torch.bool); p[0, 0] = True
+    >>> pruned_tile_share(p, 1, 4), pruned_tile_share(p, 2, 4), pruned_tile_share(p, 1, 1)
+    (0.5, 0.0, 0.5)
+    """
+    b, c, h, w = pruned.shape
+    positions = positions or h * w
+    cp, lp = -(-c // channels) * channels, -(-(h * w) // positions) * positions
+    padded = torch.ones(b, cp, lp, dtype=torch.bool)
+    padded[:, :c, :h * w] = pruned.reshape(b, c, h * w)
+    tiles = padded.view(b, cp // channels, channels, lp // positions, positions).all(4).all(2)
+    return tiles.float().mean().item()
+
+
+def conv_tile_rows(case: str, compiled, inputs) -> list[dict]:
+    """Each convolution ReLU site's pruned outputs on real inputs (the reference kernel's
+    decisions; its output is exactly 0 where pruned), as shares of whole tiles
+    (:data:`CONV_TILES`). Tiles lie within one image, so the shares hold at any batch size."""
+    from torch.utils._pytree import tree_flatten
+
+    from exprune_fx.runtime.ops import PYTHON_KERNELS
+
+    op = torch.ops.exprune.relu_conv2d.default
+    with torch.no_grad(), fast.use("reference"):
+        recorder = OpCalls(compiled.graph_module, op)
+        recorder.run(*tree_flatten(((inputs,), {}))[0])
+        rows = []
+        for args in recorder.calls:
+            x, weight = args[0], args[1]
+            pruned = PYTHON_KERNELS[op](*args[:12], new_counters(), *args[13:]) == 0
+            rows.append({"case": case, "site_shape": list(weight.shape), "input_shape": list(x.shape[1:]),
+                         "k": int(args[9]), "images": int(x.shape[0]),
+                         "tiles": {name: pruned_tile_share(pruned, *t) for name, t in CONV_TILES.items()}})
+    return rows
+
+
 def _site_reduction(counters: torch.Tensor) -> float:
     """One site's FLOPs reduction from its counters: 1 - (partial + test + remainder) / dense."""
     c = read(counters)
@@ -236,6 +284,7 @@ def image_case(name: str, model, repeats: int, val: int, test: int) -> list[dict
                          "fastest_reduction": flops_reduction(cal.compiled, [x for x, _ in at_batch], "fastest"),
                          "sites": [s.name for s in cal.compiled.rewritten_sites],
                          "linear_sites": site_rows(name, cal.compiled, inputs, repeats)}))
+    rows[-1]["conv_tiles"] = conv_tile_rows(name, cal.compiled, xt[:64])
     return rows
 
 
@@ -334,6 +383,17 @@ def markdown(rows: list[dict], machine: str) -> str:
                          f"{t['dense eager']['median_ms']:.3f} | x{t['count-only']['ratio']:.2f} | "
                          f"x{t['fast']['ratio']:.2f} | {_percent(s['realization'])} | x{t['fastest']['ratio']:.2f} | "
                          f"{_percent(s.get('fastest_realization'))} |")
+    convs = [s for r in rows for s in r.get("conv_tiles", [])]
+    if convs:
+        lines += ["", "Convolution ReLU sites: the share of output tiles (channels x consecutive positions) "
+                  f"pruned whole, on {convs[0]['images']} test images (what a kernel skipping whole tiles "
+                  "could skip of the remainder):", "",
+                  "| case | site (Cout x Cin x kh x kw) | input (C x H x W) | k | " + " | ".join(CONV_TILES) + " |",
+                  "|---|---|---|---:|" + "---:|" * len(CONV_TILES)]
+        for s in convs:
+            lines.append(f"| {s['case']} | {' x '.join(map(str, s['site_shape']))} | "
+                         f"{' x '.join(map(str, s['input_shape']))} | {s['k']} | " +
+                         " | ".join(_percent(s["tiles"][name]) for name in CONV_TILES) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,6 +82,46 @@ def test_wallclock_pieces_on_a_small_mlp():
     assert f"(x{timing['fastest + inductor']['ratio_to_dense_inductor']:.2f})" in fastest_line
 
 
+def test_conv_tile_shares_match_the_reference_decisions():
+    """The conv tile measurement: its 1 x 1 share is the prune rate the reference counts, and
+    a tile that contains another is pruned whole no more often; a hand-made mask's shares."""
+    import torch
+
+    import exprune_fx
+    import wallclock
+    from exprune_fx.runtime import fast
+    from exprune_fx.zoo import residual_cnn
+
+    p = torch.zeros(2, 3, 2, 3, dtype=torch.bool)
+    p[0, 0] = True  # one whole map of six
+    p[1, :, 0, :2] = True  # the first two positions of every channel of image 1
+    assert wallclock.pruned_tile_share(p, 1, 1) == pytest.approx(12 / 36)
+    assert wallclock.pruned_tile_share(p, 1, 2) == pytest.approx(6 / 18)  # image 0 channel 0: 3; image 1: 1 a channel
+    assert wallclock.pruned_tile_share(p, 2, 2) == pytest.approx(2 / 12)  # blocks (0, 1), (2, pad): image 1's first
+    assert wallclock.pruned_tile_share(p, 1, 4) == pytest.approx(2 / 12)  # positions padded to 8: image 0 channel 0
+    assert wallclock.pruned_tile_share(p, 1, None) == pytest.approx(1 / 6)
+
+    model, x = residual_cnn(batch=4)
+    compiled = exprune_fx.compile(model, x, exprune_fx.Config(alpha=0.3, k=4))
+    rows = wallclock.conv_tile_rows("resnet", compiled, x)
+    with torch.no_grad(), fast.use("reference"):
+        compiled.reset_stats()
+        compiled(x)
+    sites = compiled.exprune_stats()["sites"]
+    convs = [s for s in compiled.rewritten_sites if s.kind == "conv2d"]
+    assert len(rows) == len(convs) > 0
+    for row, site in zip(rows, convs):  # (the recorder sees the sites in graph order)
+        tiles = row["tiles"]
+        assert tiles["1 x 1"] == pytest.approx(sites[site.name]["prune_rate"], abs=1e-6)
+        assert tiles["1 x 1"] >= tiles["1 x 4"] >= tiles["1 x 16"] and tiles["1 x 4"] >= tiles["16 x 4"] >= tiles["32 x 4"]
+    assert any(row["tiles"]["1 x 1"] > 0 for row in rows)
+    table = wallclock.markdown([dict(wallclock.row("resnet", 4, {v: {"median_ms": 1.0, "ratio": 1.0, "ratio_to_dense_inductor": 1.0}
+                                                                 for v in wallclock.VARIANTS}, 0.1,
+                                                  {"dense_accuracy": 0.5, "accuracy": 0.5}), conv_tiles=rows)],
+                               "test machine")
+    assert f"| resnet | {' x '.join(map(str, rows[0]['site_shape']))} |" in table
+
+
 def test_site_kernel_grid_and_fit_on_a_tiny_grid():
     """The cost model's grid: every cell timed for every kernel at its survivor share, and a
     fit that picks, from the candidates, constants that lose no more than those in force."""
