@@ -21,6 +21,10 @@ and the median of its per-repetition ratios to dense eager:
   runs per graph): set against ``dense inductor``, it says whether ExPrune adds to what the
   compiler gives.
 
+For the CNNs it also reports, per convolution site, the share of its output tiles (channels x
+consecutive positions) whose outputs are all pruned: the most a remainder kernel that skips
+whole tiles could skip (:func:`conv_tile_rows`).
+
 ``realization`` = (1 - fast time / dense time) / (whole-model FLOPs reduction), for the fast
 variant (and the same for fastest, with its own reduction): 100% means the clock sees every
 FLOP skipped. FLOPs are 2 x multiply-accumulates.
