@@ -140,17 +140,20 @@ def row(case: str, batch, timing: dict, reduction: float, extra: dict) -> dict:
 
 
 class OpCalls(torch.fx.Interpreter):
-    """Runs a graph and keeps the arguments of every call of ``op`` (an op overload)."""
+    """Runs a graph and keeps the arguments and the result of every call of ``op`` (an op
+    overload)."""
 
     def __init__(self, gm, op):
         super().__init__(gm)
         self.op = op
-        self.calls = []
+        self.calls, self.results = [], []
 
     def call_function(self, target, args, kwargs):
+        out = super().call_function(target, args, kwargs)
         if target is self.op:
             self.calls.append(args)
-        return super().call_function(target, args, kwargs)
+            self.results.append(out)
+        return out
 
 
 def site_rows(case: str, compiled, inputs, repeats: int) -> list[dict]:
@@ -231,19 +234,15 @@ def conv_tile_rows(case: str, compiled, inputs) -> list[dict]:
     (:data:`CONV_TILES`). Tiles lie within one image, so the shares hold at any batch size."""
     from torch.utils._pytree import tree_flatten
 
-    from exprune_fx.runtime.ops import PYTHON_KERNELS
-
-    op = torch.ops.exprune.relu_conv2d.default
     with torch.no_grad(), fast.use("reference"):
-        recorder = OpCalls(compiled.graph_module, op)
+        recorder = OpCalls(compiled.graph_module, torch.ops.exprune.relu_conv2d.default)
         recorder.run(*tree_flatten(((inputs,), {}))[0])
-        rows = []
-        for args in recorder.calls:
-            x, weight = args[0], args[1]
-            pruned = PYTHON_KERNELS[op](*args[:12], new_counters(), *args[13:]) == 0
-            rows.append({"case": case, "site_shape": list(weight.shape), "input_shape": list(x.shape[1:]),
-                         "k": int(args[9]), "images": int(x.shape[0]),
-                         "tiles": {name: pruned_tile_share(pruned, *t) for name, t in CONV_TILES.items()}})
+    rows = []
+    for args, out in zip(recorder.calls, recorder.results):
+        x, weight = args[0], args[1]
+        rows.append({"case": case, "site_shape": list(weight.shape), "input_shape": list(x.shape[1:]),
+                     "k": int(args[9]), "images": int(x.shape[0]),
+                     "tiles": {name: pruned_tile_share(out == 0, *t) for name, t in CONV_TILES.items()}})
     return rows
 
 
